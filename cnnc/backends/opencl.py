@@ -1,0 +1,129 @@
+"""The OpenCL backend (pyopencl): runs the generated .cl on any OpenCL device.
+
+With pip's PoCL (pocl-binary-distribution) every machine has one, the CPU,
+which is how the generated kernels are executed and tested without a GPU.
+One in-order queue per logical device keeps launches ordered; several logical
+devices may share one OpenCL device.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+from cnnc.backends.base import DTYPES, Backend, BackendError
+from cnnc.plan.schedule import Buffer, Kernel
+
+
+_PROBE = "__kernel void cnnc_probe(__global float* a) { a[get_global_id(0)] = exp(a[get_global_id(0)]); }"
+
+
+def _builds(device) -> bool:
+    """Can this device compile OpenCL C?  (pip's PoCL 3.0 cannot on CPUs newer than its
+    LLVM 14 knows, e.g. Zen 5: 'unknown target CPU generic'; Debian's PoCL 3.1 can.)"""
+    import pyopencl as cl
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cl.Program(cl.Context([device]), _PROBE).build()
+        return True
+    except cl.Error:
+        return False
+
+
+@lru_cache(maxsize=1)
+def _pick_device():
+    """The OpenCL device to run on: CNNC_OPENCL_DEVICE if set, else the first GPU, else the
+    first other device that can build kernels."""
+    import pyopencl as cl
+
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:
+        platforms = []
+    if not platforms:
+        raise BackendError("no OpenCL platform found (install pocl-binary-distribution, or Debian's "
+                           "pocl-opencl-icd)")
+    wanted = os.environ.get("CNNC_OPENCL_DEVICE")     # "platform substring[:device index]"
+    if wanted:
+        name, _, index = wanted.partition(":")
+        for p in platforms:
+            if name.lower() in p.name.lower() or name.lower() in p.version.lower():
+                return p.get_devices()[int(index or 0)]
+        raise BackendError(f"CNNC_OPENCL_DEVICE={wanted!r} matches no OpenCL platform "
+                           f"({', '.join(p.name for p in platforms)})")
+    devices = [d for p in platforms for d in p.get_devices()]
+    devices.sort(key=lambda d: 0 if d.type & cl.device_type.GPU else 1)
+    for d in devices:
+        if _builds(d):
+            return d
+    raise BackendError("no OpenCL device can build kernels: "
+                       + "; ".join(f"{d.name.strip()} ({d.platform.version.strip()})" for d in devices)
+                       + ". On CPUs newer than pip's PoCL knows, install Debian's pocl-opencl-icd")
+
+
+class OpenCLBackend(Backend):
+    name = "opencl"
+
+    def __init__(self, sources: dict[int, str], logical_devices: Sequence[int]):
+        """`sources` maps each logical device to the OpenCL C its kernels are in."""
+        try:
+            import pyopencl as cl
+        except ImportError as e:                      # a regular dependency, but say so clearly
+            raise BackendError(f"pyopencl is not importable: {e}") from None
+        self.cl = cl
+        self.device = _pick_device()
+        self.ctx = cl.Context([self.device])
+        self.queues = {d: cl.CommandQueue(self.ctx) for d in logical_devices}
+        self.programs = {}
+        self._kernels: dict[tuple[int, str], object] = {}
+        by_source: dict[str, object] = {}
+        for dev, src in sources.items():
+            if src not in by_source:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # build logs of successful builds
+                    try:
+                        by_source[src] = cl.Program(self.ctx, src).build(options=["-cl-std=CL1.2"])
+                    except cl.RuntimeError as e:
+                        raise BackendError(f"OpenCL build failed: {str(e).strip().splitlines()[0]}") from None
+            self.programs[dev] = by_source[src]
+
+    def _kernel(self, device: int, name: str):
+        key = (device, name)
+        if key not in self._kernels:
+            self._kernels[key] = getattr(self.programs[device], name)
+        return self._kernels[key]
+
+    def alloc(self, buffer: Buffer, device: int):
+        cl = self.cl
+        buf = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, size=max(buffer.nbytes, 4))
+        cl.enqueue_fill_buffer(self.queues[device], buf, np.zeros(1, np.float32), 0, max(buffer.nbytes, 4))
+        return (buf, device)
+
+    def upload(self, handle, array: np.ndarray) -> None:
+        buf, device = handle
+        self.cl.enqueue_copy(self.queues[device], buf, np.ascontiguousarray(array))
+
+    def download(self, handle, buffer: Buffer) -> np.ndarray:
+        buf, device = handle
+        out = np.empty(buffer.size, DTYPES[buffer.dtype])
+        self.cl.enqueue_copy(self.queues[device], out, buf)
+        return out
+
+    def launch(self, kernel: Kernel, device: int, args: Sequence) -> None:
+        launch = kernel.launch["opencl"]
+        grid, block = launch["grid"], launch["block"]
+        global_size = tuple(g * b for g, b in zip(grid, block))
+        cl_args = [a[0] if isinstance(a, tuple) else np.float32(a) for a in args]
+        self._kernel(device, kernel.name)(self.queues[device], global_size, tuple(block), *cl_args)
+
+    def synchronize(self) -> None:
+        for q in self.queues.values():
+            q.finish()
+
+    def describe(self) -> str:
+        return f"opencl ({self.device.name.strip()}, {self.device.platform.name.strip()})"

@@ -1,0 +1,34 @@
+"""The reference backend: every op in numpy, on the host.
+
+Buffers are numpy arrays and a launch calls the op's numpy implementation in
+:mod:`cnnc.backends.reference_ops` with the kernel's parameters, so the very
+same plan that drives the GPU kernels runs here too.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from cnnc.backends.base import DTYPES, Backend
+from cnnc.backends.reference_ops import REFERENCE_OPS
+from cnnc.plan.schedule import Buffer, Kernel
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def alloc(self, buffer: Buffer, device: int) -> np.ndarray:
+        return np.zeros(buffer.size, DTYPES[buffer.dtype])
+
+    def upload(self, handle: np.ndarray, array: np.ndarray) -> None:
+        handle[...] = np.asarray(array, handle.dtype).reshape(-1)
+
+    def download(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
+        return handle.copy()
+
+    def launch(self, kernel: Kernel, device: int, args: Sequence) -> None:
+        REFERENCE_OPS[kernel.op](kernel.params, *args)
+
+    def describe(self) -> str:
+        return "reference (numpy on the host)"

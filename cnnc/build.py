@@ -1,0 +1,217 @@
+"""The compiler driver: parse → check → plan → generate → nvcc, as named stages.
+
+Writes a build directory:
+
+    gpu<k>.cu, gpu<k>.cl      one translation unit per logical device and dialect
+    gpu<k>.sm_XX.cubin        when nvcc is available, per requested architecture
+    plan.json                 the schedule the runtime executes
+    manifest.json             shapes, parameters, sizes, kernel resources, hashes
+
+Every file is written to a temporary name and renamed into place, manifest
+last, so an interrupted build never looks complete.  A rebuild whose inputs
+(source, options, compiler version, templates) hash the same as the existing
+manifest's regenerates nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cnnc import __version__
+from cnnc.check import check
+from cnnc.codegen.dialect import DIALECTS
+from cnnc.codegen.nvcc import NvccError, compile_cubins, find_nvcc, validate_arch
+from cnnc.codegen.render import render_source
+from cnnc.diagnostics import CompileError, Diagnostic
+from cnnc.frontend.parser import parse
+from cnnc.ir import Network
+from cnnc.plan.planner import plan as make_plan
+from cnnc.plan.schedule import Plan
+from cnnc.resources import resource_dir
+
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    network: Network | None
+    plan: Plan
+    files: list[Path] = field(default_factory=list)
+    up_to_date: bool = False
+    nvcc: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file so that readers see either the old or the new contents, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _inputs_hash(source: str, archs: Sequence[str], use_nvcc: bool) -> str:
+    h = hashlib.sha256()
+    h.update(f"cnnc {__version__}\n{sorted(archs)}\n{use_nvcc}\n".encode())
+    h.update(source.encode())
+    for folder in ("grammar", "templates", "runtime"):
+        for f in sorted(resource_dir(folder).iterdir()):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    for f in sorted(Path(__file__).parent.rglob("*.py")):      # the compiler itself
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _up_to_date(out_dir: Path, digest: str) -> bool:
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return m.get("inputs_hash") == digest and all((out_dir / f).is_file() for f in m.get("files", []))
+
+
+def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] = DEFAULT_ARCHS,
+                    use_nvcc: bool = True, force: bool = False,
+                    on_stage: Callable[[str], None] | None = None) -> BuildResult:
+    """Compile .cnn source text into `out_dir`; raises CompileError on bad input."""
+    for a in archs:
+        try:
+            validate_arch(a)
+        except ValueError as e:
+            raise CompileError(Diagnostic(str(e), "--arch")) from None
+    nvcc = find_nvcc() if use_nvcc else None
+    digest = _inputs_hash(source, archs, nvcc is not None)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CompileError(Diagnostic("the output path exists and is not a directory", str(out_dir)))
+    if not force and _up_to_date(out_dir, digest):
+        plan = Plan.from_json(json.loads((out_dir / "plan.json").read_text()))
+        return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
+
+    stages: dict[str, float] = {}
+
+    def stage(name: str, fn, *args):
+        if on_stage:
+            on_stage(name)
+        t0 = time.perf_counter()
+        value = fn(*args)
+        stages[name] = time.perf_counter() - t0
+        return value
+
+    program = stage("parse", parse, source, file)
+    network = stage("check", check, program)
+    plan = stage("plan", make_plan, network)
+    sources = stage("generate", _generate, plan, network)
+
+    written: list[Path] = []
+    for name, text in sources.items():
+        write_atomic(out_dir / name, text)
+        written.append(out_dir / name)
+    resources: dict = {}
+    if nvcc:
+        for dev in plan.devices:
+            cu = out_dir / f"gpu{dev.logical}.cu"
+            try:
+                result = stage(f"nvcc gpu{dev.logical}", compile_cubins, cu, out_dir, list(archs),
+                               f"gpu{dev.logical}")
+            except NvccError as e:
+                raise CompileError(Diagnostic(str(e).splitlines()[0], str(cu),
+                                              hint=f"reproduce with: {e.repro}")) from None
+            written.extend(result.outputs.values())
+            for kname, per_arch in result.resources.items():
+                resources[kname] = {a: r.to_json() for a, r in per_arch.items()}
+    write_atomic(out_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
+    written.append(out_dir / "plan.json")
+    manifest = _manifest(network, plan, file, digest, archs, nvcc, resources,
+                         [p.name for p in written])
+    write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+    written.append(out_dir / "manifest.json")
+    return BuildResult(out_dir, network, plan, written, False, nvcc, stages)
+
+
+def _generate(plan: Plan, network: Network) -> dict[str, str]:
+    """Render each device's kernels in every dialect and record launch geometry in the plan."""
+    sources = {}
+    for dev in plan.devices:
+        names = []
+        for phase in ("forward", "backward", "update"):
+            for launch in getattr(dev, phase):
+                if launch.kernel not in names:
+                    names.append(launch.kernel)
+        kernels = [plan.kernels[n] for n in names]
+        for dialect in DIALECTS.values():
+            title = f"{network.name}: kernels of logical device {dev.logical} ({dialect.name})"
+            text, launches = render_source(kernels, dialect, network.file, network.source, title)
+            for name, geo in launches.items():
+                plan.kernels[name].launch[dialect.name] = geo
+            sources[f"gpu{dev.logical}.{dialect.extension}"] = text
+    return sources
+
+
+def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc, resources, files) -> dict:
+    return {
+        "format": 1,
+        "cnnc_version": __version__,
+        "network": network.name,
+        "source": file,
+        "source_sha256": hashlib.sha256(network.source.encode()).hexdigest(),
+        "inputs_hash": digest,
+        "archs": list(archs) if nvcc else [],
+        "nvcc": nvcc,
+        "batch": plan.batch,
+        "inputs": [{"name": i.name, "kind": i.kind, "shape": str(i.shape), "classes": i.classes}
+                   for i in network.inputs],
+        "layers": [{"name": l.name, "kind": l.kind, "inputs": list(l.inputs), "shape": str(l.shape),
+                    "neuron": str(l.neuron), "gpus": list(l.gpus), "line": l.span.line if l.span else 0}
+                   for l in network.layers],
+        "parameters": [{"name": p.buffer, "shape": list(p.shape)} for p in plan.parameters],
+        "buffers_bytes": sum(b.nbytes for b in plan.buffers.values()),
+        "kernels": {name: {"op": k.op, "layer": k.layer, "line": k.line, "launch": k.launch,
+                           "resources": resources.get(name, {})}
+                    for name, k in plan.kernels.items()},
+        "files": files,
+    }
+
+
+def compile_file(path: str | Path, out_dir: str | Path, **kw) -> BuildResult:
+    path = Path(path)
+    try:
+        source = path.read_text()
+    except FileNotFoundError:
+        raise CompileError(Diagnostic("no such file", str(path))) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompileError(Diagnostic(f"cannot read: {e.__class__.__name__}", str(path))) from None
+    return compile_network(source, str(path), Path(out_dir), **kw)
+
+
+def load_plan(build_dir: str | Path) -> Plan:
+    """Read a build directory's plan, with a located error when it is missing or damaged."""
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir():
+        raise CompileError(Diagnostic("no such build directory", str(build_dir),
+                                      hint="create it with: cnnc compile NET.cnn -o " + str(build_dir)))
+    f = build_dir / "plan.json"
+    if not f.is_file():
+        raise CompileError(Diagnostic("not a build directory: plan.json is missing", str(build_dir),
+                                      hint="create it with: cnnc compile NET.cnn -o " + str(build_dir)))
+    try:
+        return Plan.from_json(json.loads(f.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CompileError(Diagnostic(f"plan.json is damaged ({e.__class__.__name__}); recompile", str(f))) \
+            from None

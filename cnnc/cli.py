@@ -1,0 +1,172 @@
+"""The `cnnc` command line: compile, check, plan, run.
+
+User mistakes (a bad .cnn file, a missing build directory, unusable data)
+print a one-line diagnostic (plus source context) and exit with status 2;
+they never show a Python traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cnnc import __version__
+from cnnc.backends.base import BackendError
+from cnnc.diagnostics import CompileError
+from cnnc.train.data import DataError
+
+USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(USER_ERROR)
+
+
+def _guard(fn):
+    """Turn the project's own error types into a clean message and exit status 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompileError as e:
+            _fail(e.format())
+        except (DataError, BackendError) as e:
+            _fail(f"error: {e}")
+        except KeyboardInterrupt:
+            _fail("interrupted")
+    return wrapper
+
+
+def _archs(value: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for v in value:
+        out.extend(a.strip() for a in v.split(",") if a.strip())
+    return tuple(out)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cnnc")
+def main() -> None:
+    """cnnc: compile convolutional networks to CUDA/OpenCL programs and train them."""
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Build directory to write.")
+@click.option("--arch", "archs", multiple=True, default=("sm_80,sm_90",), show_default=True,
+              help="GPU architectures for nvcc (repeatable or comma-separated).")
+@click.option("--no-nvcc", is_flag=True, help="Generate sources only, even when nvcc is available.")
+@click.option("--force", is_flag=True, help="Rebuild even when the build directory is up to date.")
+@_guard
+def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool) -> None:
+    """Compile SOURCE (.cnn) into a build directory."""
+    from cnnc.build import compile_file
+
+    result = compile_file(source, out_dir, archs=_archs(archs), use_nvcc=not no_nvcc, force=force)
+    if result.up_to_date:
+        click.echo(f"{out_dir}: up to date")
+        return
+    plan = result.plan
+    timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.stages.items())
+    click.echo(f"compiled {plan.network}: {len(result.network.layers)} layers, {len(plan.kernels)} kernels, "
+               f"{len(plan.devices)} device(s) -> {out_dir}/")
+    click.echo("  " + " ".join(p.name for p in result.files))
+    click.echo(f"  stages: {timing}")
+    if not result.nvcc and not no_nvcc:
+        click.echo("  nvcc not found: wrote .cu sources without cubins (the cuda backend JIT-compiles them)")
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@_guard
+def check(source: Path) -> None:
+    """Parse and check SOURCE; print its layers and shapes."""
+    from cnnc.check import check as check_program
+    from cnnc.frontend.parser import parse_file
+
+    net = check_program(parse_file(source))
+    click.echo(f"network {net.name}: batch {net.batch}, {net.epochs} epochs, seed {net.seed}")
+    for i in net.inputs:
+        click.echo(f"  {i.name:<12} input   {i.shape if i.kind == 'image' else f'label({i.classes})'}")
+    for l in net.layers:
+        extra = f" {l.neuron}" if not l.neuron.is_identity else ""
+        click.echo(f"  {l.name:<12} {l.kind:<7} {str(l.shape):<10} <- {', '.join(l.inputs)}{extra}"
+                   f"  @gpu({','.join(map(str, l.gpus))})")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@_guard
+def plan(build_dir: Path, as_json: bool) -> None:
+    """Show the schedule of a build directory: per device, its kernels in order."""
+    from cnnc.build import load_plan
+    from cnnc.plan.summary import summarize, format_summary
+
+    p = load_plan(build_dir)
+    manifest = {}
+    if (build_dir / "manifest.json").is_file():
+        manifest = json.loads((build_dir / "manifest.json").read_text())
+    s = summarize(p, manifest)
+    click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+
+
+def _gpus(ctx, param, value: str) -> list[int]:
+    try:
+        ids = [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"expected a comma-separated list of device ids, e.g. 0,1; got {value!r}")
+    if not ids or min(ids) < 0:
+        raise click.BadParameter(f"expected non-negative device ids, got {value!r}")
+    return ids
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--gpus", default="0", callback=_gpus, show_default=True,
+              help="Physical device for each logical device of the plan, e.g. 3,2,1,0.")
+@click.option("--backend", type=click.Choice(["auto", "cuda", "opencl", "reference"]), default="auto",
+              show_default=True, help="auto: cuda when PyCUDA and a GPU are usable, else opencl.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the network's epochs.")
+@click.option("--data", default="digits", show_default=True,
+              help="'digits' (ships with scikit-learn) or a .npz with train_x, train_y, test_x, test_y.")
+@click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where metrics.jsonl and weights.npz go [default: BUILD_DIR/train].")
+@click.option("--test-freq", type=click.IntRange(min=0), default=0,
+              help="Also evaluate every N steps (0: after each epoch only).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_guard
+def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data: str,
+        save_dir: Path | None, test_freq: int, quiet: bool) -> None:
+    """Train the network compiled into BUILD_DIR."""
+    from tqdm import tqdm
+
+    from cnnc.backends import default_backend, make_backend
+    from cnnc.build import load_plan
+    from cnnc.train.data import load_dataset
+    from cnnc.train.loop import train
+
+    p = load_plan(build_dir)
+    ds = load_dataset(data)
+    name = default_backend() if backend == "auto" else backend
+    be = make_backend(name, p, build_dir, gpus)
+    save_dir = save_dir or build_dir / "train"
+    epochs = epochs or p.epochs
+    click.echo(f"training {p.network} on {be.describe()}: {len(ds.train_y)} train / {len(ds.test_y)} test "
+               f"images, batch {p.batch}, {epochs} epochs")
+    progress = None if quiet else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
+    history = train(p, be, ds, epochs, save_dir, test_freq, progress)
+    for ev in history:
+        click.echo(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
+                   f"test error {ev.test_error * 100:5.2f}%  {ev.images_per_s:8.0f} img/s")
+    click.echo(f"metrics: {save_dir / 'metrics.jsonl'}  weights: {save_dir / 'weights.npz'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Dialects: the few spellings in which CUDA C++ and OpenCL C differ.
+
+Templates are written once against a dialect object, tinygrad-style; a new
+target is a new row here, not a new set of templates.  Tile shapes differ by
+target too (a GPU wants 256 threads of 4x4 register tiles, PoCL on a CPU
+wants fewer, fatter work-items), so each dialect carries its GEMM defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str                    # "cuda" | "opencl"
+    extension: str
+    prelude: str                 # file under runtime/
+    kernel: str                  # qualifier(s) before `void name(...)`
+    global_ptr: str              # address-space qualifier of a device pointer
+    restrict: str
+    shared: str                  # address space of work-group memory
+    barrier: str
+    fma: str
+    unroll: str
+    # GEMM tiling defaults for this target: block tile, thread tile, K step
+    gemm_block: tuple[int, int, int]
+    gemm_thread: tuple[int, int]
+    threads_1d: int              # work-group size of element-wise kernels
+    reduce_threads: int          # work-group size of reductions (power of two)
+
+    def local_id(self, dim: int) -> str:
+        return f"threadIdx.{'xyz'[dim]}" if self.name == "cuda" else f"(int)get_local_id({dim})"
+
+    def group_id(self, dim: int) -> str:
+        return f"blockIdx.{'xyz'[dim]}" if self.name == "cuda" else f"(int)get_group_id({dim})"
+
+    def launch_bounds(self, threads: int) -> str:
+        if self.name == "cuda":
+            return f"__launch_bounds__({threads}) "
+        return f"__attribute__((reqd_work_group_size({threads}, 1, 1))) "
+
+    def ptr(self, const: bool = False) -> str:
+        """The parameter type of a float buffer: `const float* __restrict__` / `__global const float* restrict`."""
+        q = f"{self.global_ptr} " if self.global_ptr else ""
+        return f"{q}{'const ' if const else ''}float* {self.restrict} "
+
+    def int_ptr(self, const: bool = True) -> str:
+        q = f"{self.global_ptr} " if self.global_ptr else ""
+        return f"{q}{'const ' if const else ''}int* {self.restrict} "
+
+
+CUDA = Dialect(
+    name="cuda", extension="cu", prelude="cnnc_cuda.h",
+    kernel='extern "C" __global__ void', global_ptr="", restrict="__restrict__",
+    shared="__shared__", barrier="__syncthreads();", fma="fmaf", unroll="#pragma unroll",
+    gemm_block=(64, 64, 16), gemm_thread=(4, 4), threads_1d=256, reduce_threads=256,
+)
+
+OPENCL = Dialect(
+    name="opencl", extension="cl", prelude="cnnc_opencl.h",
+    kernel="__kernel void", global_ptr="__global", restrict="restrict",
+    shared="__local", barrier="barrier(CLK_LOCAL_MEM_FENCE);", fma="fma", unroll="#pragma unroll",
+    gemm_block=(64, 64, 16), gemm_thread=(8, 8), threads_1d=64, reduce_threads=64,
+)
+
+DIALECTS = {d.name: d for d in (CUDA, OPENCL)}

@@ -1,0 +1,198 @@
+"""Generate stage: plan kernels → CUDA and OpenCL source text.
+
+Each kernel family has one Jinja2 template (templates/<family>.j2) rendered
+once per dialect; shapes, strides and tile sizes are inlined as constants.
+This module also decides launch geometry, which is why it returns, for each
+kernel, the grid and block a backend must launch it with.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jinja2
+
+from cnnc.codegen.dialect import Dialect
+from cnnc.neurons import Neuron
+from cnnc.ops import OPS, Role
+from cnnc.plan.schedule import Kernel
+from cnnc.resources import resource_dir
+
+FAMILY = {
+    "conv_fwd": "conv", "conv_bwd_data": "conv", "conv_bwd_filter": "conv",
+    "fc_fwd": "fc", "fc_bwd_data": "fc", "fc_bwd_filter": "fc",
+    "pool_fwd": "pool", "pool_bwd": "pool",
+    "bias_grad": "reduce",
+    "neuron_bwd": "elementwise", "sgd_update": "elementwise",
+    "softmax_fwd": "softmax", "softmax_bwd": "softmax", "logreg_fwd": "softmax", "logreg_bwd": "softmax",
+    "softmax_logreg_bwd": "softmax",
+}
+
+_MATH = re.compile(r"\b(exp|log|tanh|fmax|fmin|fabs|sqrt|fma)\(")
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def lit(v: float) -> str:
+    """A C float literal."""
+    text = repr(float(v))
+    return text + "f" if ("." in text or "e" in text or "inf" in text) else text + ".0f"
+
+
+def neuron_expr(neuron: Neuron, template: str, var: str, param_var: str) -> str:
+    """Instantiate a neuron's C expression: parameters become literals, the variable is renamed."""
+    expr = re.sub(r"\ba\b", lit(neuron.a), template)
+    expr = re.sub(r"\bb\b", lit(neuron.b), expr)
+    return re.sub(rf"\b{param_var}\b", var, expr)
+
+
+# --- launch geometry ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tiles:
+    BM: int
+    BN: int
+    BK: int
+    TM: int
+    TN: int
+
+    @property
+    def NT_M(self) -> int:
+        return self.BM // self.TM
+
+    @property
+    def NT_N(self) -> int:
+        return self.BN // self.TN
+
+    @property
+    def threads(self) -> int:
+        return self.NT_M * self.NT_N
+
+
+def choose_tiles(M: int, N: int, K: int, d: Dialect) -> Tiles:
+    """Shrink the dialect's default block tile to the problem, keeping the thread tile."""
+    BM, BN, BK = d.gemm_block
+    TM, TN = d.gemm_thread
+    while BM > TM and BM // 2 >= M:
+        BM //= 2
+    while BN > TN and BN // 2 >= N:
+        BN //= 2
+    while BK > 4 and BK // 2 >= K:
+        BK //= 2
+    return Tiles(BM, BN, BK, TM, TN)
+
+
+def gemm_shape(op: str, p: dict) -> dict:
+    """GEMM dimensions and which index is contiguous in memory for each operand."""
+    if op == "conv_fwd":
+        return dict(M=p["K"], N=p["N"] * p["P"] * p["Q"], K=p["C"] * p["R"] * p["S"], a_fast="k", b_fast="n")
+    if op == "conv_bwd_data":
+        return dict(M=p["C"], N=p["N"] * p["H"] * p["W"], K=p["K"] * p["R"] * p["S"], a_fast="k", b_fast="n")
+    if op == "conv_bwd_filter":
+        return dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k")
+    if op == "fc_fwd":
+        return dict(M=p["N"], N=p["O"], K=p["I"], a_fast="k", b_fast="n")
+    if op == "fc_bwd_data":
+        return dict(M=p["N"], N=p["I"], K=p["O"], a_fast="k", b_fast="k")
+    if op == "fc_bwd_filter":
+        return dict(M=p["I"], N=p["O"], K=p["N"], a_fast="m", b_fast="n")
+    raise KeyError(op)
+
+
+def _elements(op: str, p: dict) -> int:
+    """How many threads an element-per-thread kernel needs."""
+    if op == "pool_fwd":
+        return p["N"] * p["C"] * p["P"] * p["Q"]
+    if op == "pool_bwd":
+        return p["N"] * p["C"] * p["H"] * p["W"]
+    if op in ("neuron_bwd", "sgd_update"):
+        return p["n"]
+    return p["N"]                          # softmax / cost: one thread per case
+
+
+def geometry(k: Kernel, d: Dialect) -> tuple[dict, object]:
+    """(launch = {"grid": [...], "block": [...]}, tiles-or-threads object for the template)."""
+    family = FAMILY[k.op]
+    if family in ("conv", "fc"):
+        g = gemm_shape(k.op, k.params)
+        t = choose_tiles(g["M"], g["N"], g["K"], d)
+        grid = [-(-g["N"] // t.BN), -(-g["M"] // t.BM), 1]
+        return {"grid": grid, "block": [t.threads, 1, 1]}, t
+    if family == "reduce":
+        n = d.reduce_threads
+        return {"grid": [k.params["K"], 1, 1], "block": [n, 1, 1]}, _Threads(n)
+    n = d.threads_1d
+    return {"grid": [-(-_elements(k.op, k.params) // n), 1, 1], "block": [n, 1, 1]}, _Threads(n)
+
+
+@dataclass(frozen=True)
+class _Threads:
+    threads: int
+
+
+# --- rendering -----------------------------------------------------------------------
+
+def signature(op: str, d: Dialect) -> str:
+    parts = []
+    for name, role in OPS[op].args:
+        if role is Role.SCALAR:
+            parts.append(f"const float {name}")
+        elif name == "labels":
+            parts.append(f"{d.int_ptr()}{name}")
+        else:
+            parts.append(f"{d.ptr(const=role is Role.IN)}{name}")
+    return ", ".join(parts)
+
+
+def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") -> tuple[str, dict]:
+    """The source of one kernel in one dialect, and its launch geometry."""
+    launch, t = geometry(k, d)
+    notes = []
+    if FAMILY[k.op] in ("conv", "fc"):
+        g = gemm_shape(k.op, k.params)
+        notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
+                     f"{t.TM}x{t.TN} per thread, {t.threads} threads")
+    else:
+        g = {}
+    neuron = Neuron.from_json(k.params.get("neuron"))
+    ctx = dict(
+        k=k, p=_Params(k.params), d=d, t=t, g=_Params(g), signature=signature(k.op, d), notes=notes,
+        file=file, source_line=source_line, lit=lit,
+        neuron_fwd=lambda var: neuron_expr(neuron, neuron.kind.forward_c, var, "x"),
+        neuron_grad=lambda var: neuron_expr(neuron, neuron.kind.grad_c, var, "y"),
+    )
+    text = _env().get_template(f"{FAMILY[k.op]}.j2").render(**ctx)
+    if d.name == "cuda":
+        text = _MATH.sub(lambda m: f"{m.group(1)}f(", text)
+    return text, launch
+
+
+class _Params(dict):
+    """Attribute access for template readability: p.K instead of p['K']."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def render_source(kernels: list[Kernel], d: Dialect, file: str, source: str, title: str) -> tuple[str, dict]:
+    """A whole translation unit (prelude + kernels) and each kernel's launch geometry."""
+    lines = source.splitlines()
+    prelude = (resource_dir("runtime") / d.prelude).read_text()
+    chunks = [f"// {title}\n// Generated by cnnc from {file}; every kernel below names the line it implements.\n",
+              prelude]
+    launches = {}
+    for k in kernels:
+        line = lines[k.line - 1].strip() if 0 < k.line <= len(lines) else ""
+        text, launch = render_kernel(k, d, file, line)
+        chunks.append(text)
+        launches[k.name] = launch
+    return "\n".join(chunks), launches

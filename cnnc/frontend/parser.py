@@ -1,0 +1,203 @@
+"""Parse stage: .cnn text → :class:`~cnnc.frontend.ast.Program`.
+
+The grammar lives in ``grammar/cnn.lark``; a Lark Transformer maps each rule to
+a frozen AST node carrying its source span, and Lark's parse errors become
+located diagnostics with a caret.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.lexer import PatternStr
+
+from cnnc.diagnostics import CompileError, Diagnostic, Span
+from cnnc.frontend import ast
+from cnnc.resources import resource_dir
+
+_FRIENDLY = {
+    "NAME": "a name",
+    "SIGNED_NUMBER": "a number",
+    "DIMS": "image dimensions such as 3x32x32",
+    "STRING": "a string",
+    "_NL": "end of line",
+    "$END": "end of file",
+}
+
+_TOKEN_KIND = {"NAME": "name", "SIGNED_NUMBER": "number", "DIMS": "dimensions", "STRING": "string"}
+
+
+class _Separators:
+    """';' ends a statement like a newline does; newlines inside ( ) and [ ] end
+    nothing, so argument lists may wrap; runs of separators count as one."""
+
+    always_accept = ("_NL", "SEMICOLON")
+
+    def process(self, stream):
+        depth = 0
+        pending = None
+        for tok in stream:
+            if tok.type == "SEMICOLON":
+                tok = Token.new_borrow_pos("_NL", ";", tok)
+            if tok.type in ("LPAR", "LSQB"):
+                depth += 1
+            elif tok.type in ("RPAR", "RSQB"):
+                depth = max(0, depth - 1)
+            if tok.type == "_NL":
+                if depth == 0 and pending is None:
+                    pending = tok
+                continue
+            if pending is not None:
+                yield pending
+                pending = None
+            yield tok
+        if pending is not None:
+            yield pending
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    grammar = (resource_dir("grammar") / "cnn.lark").read_text()
+    return Lark(grammar, parser="lalr", lexer="basic", propagate_positions=True, postlex=_Separators(),
+                maybe_placeholders=True)
+
+
+def _span(obj) -> Span:
+    return Span(obj.line, obj.column, obj.end_line, obj.end_column)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """One method per grammar rule; each returns an AST node with its span."""
+
+    def start(self, meta, children):
+        network, *statements = children
+        return network, tuple(statements)
+
+    def network(self, meta, children):
+        return children[0]
+
+    def image_input(self, meta, children):
+        name, dims = children
+        return ast.ImageInput(str(name), tuple(int(d) for d in str(dims).split("x")), _span(meta))
+
+    def label_input(self, meta, children):
+        name, classes = children
+        return ast.LabelInput(str(name), classes, _span(meta))
+
+    def train_block(self, meta, children):
+        return ast.TrainBlock(tuple(c for c in children if c is not None), _span(meta))
+
+    def layer_decl(self, meta, children):
+        placement, name, kind, *rest = children
+        args = tuple(c for c in rest if isinstance(c, ast.Arg))
+        neuron = next((c for c in rest if isinstance(c, ast.NeuronSpec)), None)
+        settings = tuple(c for c in rest if isinstance(c, ast.Setting))
+        return ast.LayerDecl(str(name), str(kind), args, neuron, settings, placement, _span(meta),
+                             _span(name), _span(kind))
+
+    def placement(self, meta, children):
+        target, *devices = children
+        return ast.Placement(str(target), tuple(d for d in devices if d is not None), _span(meta))
+
+    def pos_arg(self, meta, children):
+        return ast.Arg(None, children[0], _span(meta))
+
+    def kw_arg(self, meta, children):
+        name, value = children
+        return ast.Arg(str(name), value, _span(meta))
+
+    def neuron(self, meta, children):
+        name, *params = children
+        return ast.NeuronSpec(str(name), tuple(p.value for p in params if p is not None), _span(meta))
+
+    def setting(self, meta, children):
+        name, value = children
+        return ast.Setting(str(name), value, _span(meta))
+
+    def number(self, meta, children):
+        text = str(children[0])
+        is_int = not any(c in text for c in ".eE")
+        return ast.Number(int(text) if is_int else float(text), is_int, _span(meta))
+
+    def name_value(self, meta, children):
+        return ast.NameRef(str(children[0]), _span(meta))
+
+    def string_value(self, meta, children):
+        return ast.String(str(children[0])[1:-1], _span(meta))
+
+    def list_value(self, meta, children):
+        return ast.ListValue(tuple(c for c in children if c is not None), _span(meta))
+
+    def call_value(self, meta, children):
+        func, *args = children
+        return ast.Call(str(func), tuple(a for a in args if a is not None), _span(meta))
+
+
+def _describe(terminal: str) -> str:
+    if terminal in _FRIENDLY:
+        return _FRIENDLY[terminal]
+    try:
+        pattern = _lark().get_terminal(terminal).pattern
+    except KeyError:
+        return terminal
+    return f"'{pattern.value}'" if isinstance(pattern, PatternStr) else terminal.lower()
+
+
+def _expected(names) -> str:
+    described = sorted({_describe(n) for n in names})
+    if len(described) > 6:
+        described = described[:6] + ["..."]
+    return ", ".join(described)
+
+
+def _syntax_error(err: UnexpectedInput, file: str, source: str) -> CompileError:
+    if isinstance(err, UnexpectedCharacters):
+        span = Span.point(err.line, err.column)
+        msg = f"unexpected character {source[err.pos_in_stream]!r}"
+        return CompileError(Diagnostic(msg, file, span), source)
+    if isinstance(err, UnexpectedToken) and err.token.type != "$END":
+        tok: Token = err.token
+        width = max(1, len(str(tok))) if tok.type != "_NL" else 1
+        span = Span.point(tok.line, tok.column, width)
+        if tok.type == "_NL":
+            what = "';'" if str(tok) == ";" else "end of line"
+        elif tok.type in _TOKEN_KIND:
+            what = f"{_TOKEN_KIND[tok.type]} {str(tok)!r}"
+        else:
+            what = f"{str(tok)!r}"
+        hint = None
+        if tok.type == "NAME" and "_NL" in err.expected:
+            hint = "each statement goes on its own line"
+        return CompileError(Diagnostic(f"unexpected {what}, expected {_expected(err.expected)}", file, span, hint),
+                            source)
+    lines = source.splitlines() or [""]
+    span = Span.point(len(lines), len(lines[-1]) + 1)
+    expected = getattr(err, "expected", None)
+    msg = "unexpected end of file" + (f", expected {_expected(expected)}" if expected else "")
+    return CompileError(Diagnostic(msg, file, span), source)
+
+
+def parse(source: str, file: str = "<input>") -> ast.Program:
+    """Parse a whole .cnn source into a Program, or raise a located CompileError."""
+    try:
+        tree = _lark().parse(source if source.endswith("\n") else source + "\n")
+        name, statements = _ToAst().transform(tree)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, file, source) from None
+    except VisitError as err:  # a bug in the transformer, never user input
+        raise err.orig_exc from None
+    return ast.Program(str(name), statements, file, source, _span(name))
+
+
+def parse_file(path: str | Path) -> ast.Program:
+    path = Path(path)
+    try:
+        source = path.read_text()
+    except FileNotFoundError:
+        raise CompileError(Diagnostic("no such file", str(path))) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompileError(Diagnostic(f"cannot read file: {e.__class__.__name__}", str(path))) from None
+    return parse(source, str(path))

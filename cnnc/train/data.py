@@ -1,0 +1,285 @@
+"""Training data: the built-in digits set, user .npz files, and batching.
+
+Compiled kernels run on fixed batch sizes, so training only ever sees full
+batches and evaluation pads the last batch and says how many rows are real.
+Every split and shuffle is derived from explicit seeds with NumPy's own
+generators, so a run can be repeated exactly on another machine.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "batches_per_epoch",
+    "eval_batches",
+    "load_dataset",
+    "load_digits",
+    "load_npz",
+    "train_batches",
+]
+
+_NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+class DataError(Exception):
+    """A data source that cannot be used, described in one line."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images as float32 [n, C, H, W] and integer labels as int32 [n]."""
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: int
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if x.ndim != 4:
+                raise DataError(f"{self.name}: {split}_x must be [n, C, H, W], "
+                                f"got shape {x.shape}")
+            if y.ndim != 1 or len(y) != len(x):
+                raise DataError(f"{self.name}: {split}_y must hold one label "
+                                f"per image ({len(x)}), got shape {y.shape}")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(f"{self.name}: train and test images differ in "
+                            f"shape ({self.train_x.shape[1:]} vs "
+                            f"{self.test_x.shape[1:]})")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image: what the network's input layer must match."""
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.test_x.shape[0])
+
+
+# --- sources ---------------------------------------------------------------
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, move round(fraction * count) images to test.
+
+    Done with our own Generator instead of scikit-learn's splitters so the
+    split cannot change when scikit-learn changes its sampling.
+    """
+    rng = np.random.default_rng(seed)
+    test_parts = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        n_test = int(np.floor(test_fraction * len(idx) + 0.5))  # half rounds up
+        test_parts.append(rng.permutation(idx)[:n_test])
+    test_idx = np.sort(np.concatenate(test_parts))
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_idx] = False
+    return np.flatnonzero(train_mask), test_idx
+
+
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes), ships offline.
+
+    Pixels are scaled to [0, 1] and centred with the train split's per-pixel
+    mean, so the test split never influences preprocessing.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as exc:  # pragma: no cover - sklearn is a dependency
+        raise DataError("the digits data set needs scikit-learn "
+                        "(pip install scikit-learn)") from exc
+    bunch = _sk_load_digits()
+    x = np.asarray(bunch.data, dtype=np.float64) / 16.0
+    y = np.asarray(bunch.target, dtype=np.int32)
+    train_idx, test_idx = _stratified_split(y, test_fraction, split_seed)
+    mean = x[train_idx].mean(axis=0)
+    x = (x - mean).reshape(-1, 1, 8, 8).astype(np.float32)
+    return Dataset(
+        name="digits",
+        train_x=np.ascontiguousarray(x[train_idx]),
+        train_y=y[train_idx],
+        test_x=np.ascontiguousarray(x[test_idx]),
+        test_y=y[test_idx],
+        classes=10,
+    )
+
+
+def _images(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 3:
+        arr = arr[:, None, :, :]
+    elif arr.ndim != 4:
+        raise DataError(f"{path}: {key} must be [n, C, H, W] or [n, H, W], "
+                        f"got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise DataError(f"{path}: {key} must be numeric, got dtype {arr.dtype}")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise DataError(f"{path}: {key} contains NaN or infinite values")
+    return out
+
+
+def _labels(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
+    if arr.ndim != 1:
+        raise DataError(f"{path}: {key} must be 1-D, got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer):
+        labels = arr
+    elif np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+        labels = arr  # whole-number floats, as many tools save labels
+    else:
+        raise DataError(f"{path}: {key} must hold integer class labels, "
+                        f"got dtype {arr.dtype}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: {key} has negative labels")
+    if labels.size and labels.max() > np.iinfo(np.int32).max:
+        raise DataError(f"{path}: {key} has labels beyond int32")
+    return labels.astype(np.int32)
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """A user data set saved with ``np.savez(train_x=..., train_y=..., ...)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (a single array?)")
+        try:
+            missing = [k for k in _NPZ_KEYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)} "
+                                f"(expected {', '.join(_NPZ_KEYS)})")
+            raw = {k: z[k] for k in _NPZ_KEYS}
+            classes_arr = z["classes"] if "classes" in z.files else None
+        finally:
+            z.close()
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot read as .npz ({msg})") from exc
+
+    train_x = _images(path, "train_x", raw["train_x"])
+    test_x = _images(path, "test_x", raw["test_x"])
+    train_y = _labels(path, "train_y", raw["train_y"])
+    test_y = _labels(path, "test_y", raw["test_y"])
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if len(x) != len(y):
+            raise DataError(f"{path}: {split}_x has {len(x)} images but "
+                            f"{split}_y has {len(y)} labels")
+    if len(train_x) == 0:
+        raise DataError(f"{path}: train split is empty")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(f"{path}: train and test images differ in shape "
+                        f"({train_x.shape[1:]} vs {test_x.shape[1:]})")
+
+    seen = int(max(train_y.max(initial=0), test_y.max(initial=0))) + 1
+    if classes_arr is None:
+        classes = seen
+    else:
+        if classes_arr.ndim != 0 or not np.issubdtype(classes_arr.dtype, np.integer):
+            raise DataError(f"{path}: classes must be an integer scalar")
+        classes = int(classes_arr)
+        if classes < seen:
+            raise DataError(f"{path}: classes is {classes} but labels go up "
+                            f"to {seen - 1}")
+    return Dataset(name=path.stem, train_x=train_x, train_y=train_y,
+                   test_x=test_x, test_y=test_y, classes=classes)
+
+
+def load_dataset(spec: str | os.PathLike[str] | None) -> Dataset:
+    """Resolve a command-line data argument: 'digits' (default) or a .npz."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "digits"):
+        return load_digits()
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"no such data source: {spec} "
+                        f"(expected 'digits' or a path to a .npz file)")
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"unsupported data source: {spec} "
+                        f"(expected 'digits' or a .npz file)")
+    return load_npz(path)
+
+
+# --- batching --------------------------------------------------------------
+
+
+def _check_batch(batch: int) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise DataError(f"batch size must be a positive integer, got {batch!r}")
+
+
+def batches_per_epoch(ds: Dataset, batch: int) -> int:
+    """Full batches per epoch; the remainder of the shuffled set is skipped."""
+    _check_batch(batch)
+    return ds.n_train // batch
+
+
+def train_batches(ds: Dataset, batch: int, epoch: int,
+                  seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled full batches for one epoch.
+
+    The order depends only on (seed, epoch), so resuming at a given epoch
+    reproduces the same batches. Arguments are checked here, not on the
+    first ``next()``, so mistakes surface where the call is made.
+    """
+    _check_batch(batch)
+    if batch > ds.n_train:
+        raise DataError(f"batch size {batch} is larger than the training set "
+                        f"of {ds.name} ({ds.n_train} cases)")
+    if seed < 0 or epoch < 0:
+        raise DataError(f"seed and epoch must be non-negative, got seed={seed}, "
+                        f"epoch={epoch}")
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(ds.n_train)
+    return _train_iter(ds, order, int(batch))
+
+
+def _train_iter(ds: Dataset, order: np.ndarray,
+                batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for b in range(len(order) // batch):
+        idx = order[b * batch:(b + 1) * batch]
+        yield (np.ascontiguousarray(ds.train_x[idx], dtype=np.float32),
+               np.ascontiguousarray(ds.train_y[idx], dtype=np.int32))
+
+
+def eval_batches(x: np.ndarray, y: np.ndarray,
+                 batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """In-order batches of exactly ``batch`` rows; the last is zero-padded
+    and the third element tells how many rows are real."""
+    _check_batch(batch)
+    if len(x) != len(y):
+        raise DataError(f"eval_batches: {len(x)} images but {len(y)} labels")
+    return _eval_iter(x, y, int(batch))
+
+
+def _eval_iter(x: np.ndarray, y: np.ndarray,
+               batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    n = len(x)
+    for start in range(0, n, batch):
+        real = min(batch, n - start)
+        xb = np.zeros((batch, *x.shape[1:]), dtype=np.float32)
+        yb = np.zeros(batch, dtype=np.int32)
+        xb[:real] = x[start:start + real]
+        yb[:real] = y[start:start + real]
+        yield xb, yb, real
