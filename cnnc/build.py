@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from cnnc.plan.schedule import Plan
 from cnnc.resources import resource_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @dataclass
@@ -54,6 +58,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)          # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -101,8 +106,12 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     if out_dir.exists() and not out_dir.is_dir():
         raise CompileError(Diagnostic("the output path exists and is not a directory", str(out_dir)))
     if not force and _up_to_date(out_dir, digest):
-        plan = Plan.from_json(json.loads((out_dir / "plan.json").read_text()))
-        return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
+        try:
+            plan = Plan.from_json(json.loads((out_dir / "plan.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass                            # a damaged plan.json: rebuild it
+        else:
+            return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
 
     stages: dict[str, float] = {}
 
@@ -119,30 +128,62 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     plan = stage("plan", make_plan, network)
     sources = stage("generate", _generate, plan, network)
 
-    written: list[Path] = []
-    for name, text in sources.items():
-        write_atomic(out_dir / name, text)
-        written.append(out_dir / name)
-    resources: dict = {}
-    if nvcc:
-        for dev in plan.devices:
-            cu = out_dir / f"gpu{dev.logical}.cu"
-            try:
-                result = stage(f"nvcc gpu{dev.logical}", compile_cubins, cu, out_dir, list(archs),
-                               f"gpu{dev.logical}")
-            except NvccError as e:
-                raise CompileError(Diagnostic(str(e).splitlines()[0], str(cu),
-                                              hint=f"reproduce with: {e.repro}")) from None
-            written.extend(result.outputs.values())
-            for kname, per_arch in result.resources.items():
-                resources[kname] = {a: r.to_json() for a, r in per_arch.items()}
-    write_atomic(out_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
-    written.append(out_dir / "plan.json")
-    manifest = _manifest(network, plan, file, digest, archs, nvcc, resources,
-                         [p.name for p in written])
-    write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
-    written.append(out_dir / "manifest.json")
+    # Everything is built in a scratch folder beside out_dir and only moved in once
+    # it all succeeded, manifest last: a failed or interrupted build leaves out_dir as it was.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
+    keep_scratch = False
+    try:
+        produced: list[str] = []
+        for name, text in sources.items():
+            write_atomic(scratch / name, text)
+            produced.append(name)
+        resources: dict = {}
+        if nvcc:
+            for dev in plan.devices:
+                cu = scratch / f"gpu{dev.logical}.cu"
+                try:
+                    result = stage(f"nvcc gpu{dev.logical}", compile_cubins, cu, scratch, list(archs),
+                                   f"gpu{dev.logical}")
+                except NvccError as e:
+                    keep_scratch = True
+                    raise CompileError(Diagnostic(
+                        str(e).splitlines()[0], str(out_dir / cu.name),
+                        hint=f"the generated source is kept in {cu}; reproduce with: {e.repro}")) from None
+                produced.extend(p.name for p in result.outputs.values())
+                for kname, per_arch in result.resources.items():
+                    resources[kname] = {a: r.to_json() for a, r in per_arch.items()}
+        write_atomic(scratch / "plan.json", json.dumps(plan.to_json(), indent=1))
+        produced.append("plan.json")
+        manifest = _manifest(network, plan, file, digest, archs, nvcc, resources, produced)
+        write_atomic(scratch / "manifest.json", json.dumps(manifest, indent=1))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)   # the old build stops looking complete
+        for name in produced:
+            os.replace(scratch / name, out_dir / name)
+        _remove_stale(out_dir, produced)
+        os.replace(scratch / "manifest.json", out_dir / "manifest.json")
+    finally:
+        if not keep_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    written = [out_dir / n for n in produced + ["manifest.json"]]
     return BuildResult(out_dir, network, plan, written, False, nvcc, stages)
+
+
+_ARTEFACT_RE = re.compile(r"gpu\d+\.(cu|cl|sm_\w+\.cubin)")
+
+
+def _remove_stale(out_dir: Path, written: list[str]) -> None:
+    """Delete sources and cubins an earlier build left that this one did not write.
+
+    The cuda backend picks a cubin by file name, so an old one for an
+    architecture no longer requested (or from before --no-nvcc) would run
+    kernels of a previous network.
+    """
+    keep = set(written)
+    for f in out_dir.iterdir():
+        if f.name not in keep and _ARTEFACT_RE.fullmatch(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
 
 
 def _generate(plan: Plan, network: Network) -> dict[str, str]:

@@ -37,6 +37,9 @@ def _guard(fn):
             _fail(e.format())
         except (DataError, BackendError) as e:
             _fail(f"error: {e}")
+        except OSError as e:            # e.g. -o below a regular file, a full disk
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}error: {e.strerror or e}")
         except KeyboardInterrupt:
             _fail("interrupted")
     return wrapper
@@ -150,10 +153,11 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     from cnnc.backends import default_backend, make_backend
     from cnnc.build import load_plan
     from cnnc.train.data import load_dataset
-    from cnnc.train.loop import train
+    from cnnc.train.loop import check_data, train
 
     p = load_plan(build_dir)
     ds = load_dataset(data)
+    check_data(p, ds)                   # before a backend is set up or training is announced
     name = default_backend() if backend == "auto" else backend
     be = make_backend(name, p, build_dir, gpus)
     save_dir = save_dir or build_dir / "train"

@@ -230,7 +230,9 @@ class _Checker:
             self.fail(f"the {spec.name} neuron cannot be fused into {d.kind}: its gradient needs the input",
                       spec.span)
         if len(spec.params) > len(nk.params):
-            self.fail(f"{spec.name} takes {len(nk.params)} parameter(s), got {len(spec.params)}", spec.span,
+            n = len(nk.params)
+            takes = "no parameters" if n == 0 else f"{n} parameter{'s' if n > 1 else ''}"
+            self.fail(f"{spec.name} takes {takes}, got {len(spec.params)}", spec.span,
                       f"write {spec.name}[{','.join(nk.params)}]" if nk.params else f"write {spec.name}")
         if spec.name == "tanh" and spec.params and spec.params[0] == 0:
             self.fail("tanh[a,b] needs a != 0", spec.span)
@@ -239,8 +241,10 @@ class _Checker:
     def placement(self, d: ast.LayerDecl, srcs: list, batch: int) -> tuple[int, ...]:
         pl = d.placement
         if pl is None:
-            first = srcs[0]
-            return first.gpus if isinstance(first, Layer) else (0,)
+            # Inherit from the first input that is a layer: a cost layer's first
+            # input is the label input, which has no placement of its own.
+            first = next((s for s in srcs if isinstance(s, Layer)), None)
+            return first.gpus if first is not None else (0,)
         if pl.target != "gpu":
             self.fail(f"unknown placement '@{pl.target}'", pl.span, "write @gpu(0) or @gpu(0,1,...)")
         if not pl.devices:

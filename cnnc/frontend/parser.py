@@ -46,7 +46,9 @@ class _Separators:
             elif tok.type in ("RPAR", "RSQB"):
                 depth = max(0, depth - 1)
             if tok.type == "_NL":
-                if depth == 0 and pending is None:
+                if depth > 0 and str(tok) == ";":
+                    yield tok       # ';' cannot end a statement inside ( ) or [ ]: let the parser reject it
+                elif depth == 0 and pending is None:
                     pending = tok
                 continue
             if pending is not None:
@@ -146,18 +148,59 @@ def _describe(terminal: str) -> str:
     return f"'{pattern.value}'" if isinstance(pattern, PatternStr) else terminal.lower()
 
 
+_CLOSER = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}   # opening bracket -> its closer
+_CLOSING_TEXT = {"LPAR": ")", "LSQB": "]", "LBRACE": "}"}
+
+
+def _open_brackets(text: str, before: tuple[int, int] | None = None) -> list[Token]:
+    """The brackets still open before position (line, column), or at the end of the text; innermost last."""
+    stack: list[Token] = []
+    try:
+        for tok in _lark().lex(text):
+            if before is not None and (tok.line, tok.column) >= before:
+                break
+            if tok.type in _CLOSER:
+                stack.append(tok)
+            elif stack and tok.type == _CLOSER[stack[-1].type]:
+                stack.pop()
+    except UnexpectedInput:
+        pass
+    return stack
+
+
+def _in_context(expected, stack: list[Token]) -> set[str]:
+    """Drop the terminals that LALR state merging offers but the enclosing bracket rules out."""
+    inner = stack[-1].type if stack else None
+    if inner in ("LPAR", "LSQB"):        # newlines and the other closers cannot come here
+        ruled_out = {"_NL", "$END", "RBRACE", "RPAR", "RSQB"} - {_CLOSER[inner]}
+    elif inner == "LBRACE":              # commas only separate items inside ( ) and [ ]
+        ruled_out = {"$END", "RPAR", "RSQB", "COMMA"}
+    else:
+        ruled_out = {"RPAR", "RSQB", "RBRACE", "COMMA"}
+    if "_NL" in expected:                # the text always ends with a newline
+        ruled_out.add("$END")
+    kept = set(expected) - ruled_out
+    return kept or set(expected)
+
+
 def _expected(names) -> str:
     described = sorted({_describe(n) for n in names})
     if len(described) > 6:
         described = described[:6] + ["..."]
+    if len(described) > 1 and described[-1] != "...":
+        return ", ".join(described[:-1]) + " or " + described[-1]
     return ", ".join(described)
 
 
-def _syntax_error(err: UnexpectedInput, file: str, source: str) -> CompileError:
+_START_HINT = "a .cnn file starts with 'network NAME', e.g. 'network digits'"
+
+
+def _syntax_error(err: UnexpectedInput, file: str, source: str, text: str) -> CompileError:
     if isinstance(err, UnexpectedCharacters):
         span = Span.point(err.line, err.column)
         msg = f"unexpected character {source[err.pos_in_stream]!r}"
         return CompileError(Diagnostic(msg, file, span), source)
+    expected = set(getattr(err, "expected", None) or ())
     if isinstance(err, UnexpectedToken) and err.token.type != "$END":
         tok: Token = err.token
         width = max(1, len(str(tok))) if tok.type != "_NL" else 1
@@ -168,25 +211,45 @@ def _syntax_error(err: UnexpectedInput, file: str, source: str) -> CompileError:
             what = f"{_TOKEN_KIND[tok.type]} {str(tok)!r}"
         else:
             what = f"{str(tok)!r}"
+        if "NETWORK" in expected:
+            return CompileError(Diagnostic(f"unexpected {what}, expected 'network'", file, span, _START_HINT),
+                                source)
+        stack = _open_brackets(text, (tok.line, tok.column))
+        expected = _in_context(expected, stack)
+        inner = stack[-1] if stack else None
         hint = None
-        if tok.type == "NAME" and "_NL" in err.expected:
-            hint = "each statement goes on its own line"
-        return CompileError(Diagnostic(f"unexpected {what}, expected {_expected(err.expected)}", file, span, hint),
+        if inner is not None and inner.type in ("LPAR", "LSQB") and "COMMA" in expected \
+                and tok.type in _TOKEN_KIND:
+            hint = f"missing ',' before {str(tok)!r}?"
+            if tok.line > inner.line and tok.column == 1:     # looks like the next statement
+                hint += f" or is the '{inner}' on line {inner.line} never closed?"
+        elif "_NL" in expected and tok.type in ("NAME", "EQUAL", "INPUT", "TRAIN", "AT"):
+            hint = "separate settings with a newline or ';'" if inner is not None else \
+                "each statement goes on its own line, or separate statements with ';'"
+        return CompileError(Diagnostic(f"unexpected {what}, expected {_expected(expected)}", file, span, hint),
                             source)
     lines = source.splitlines() or [""]
     span = Span.point(len(lines), len(lines[-1]) + 1)
-    expected = getattr(err, "expected", None)
+    if "NETWORK" in expected:
+        return CompileError(Diagnostic("the file declares no network", file, span, _START_HINT), source)
+    stack = _open_brackets(text)
+    if stack:
+        inner = stack[-1]
+        return CompileError(Diagnostic(f"'{inner}' is never closed", file, Span.point(inner.line, inner.column),
+                                       f"the file ends before the matching '{_CLOSING_TEXT[inner.type]}'"),
+                            source)
     msg = "unexpected end of file" + (f", expected {_expected(expected)}" if expected else "")
     return CompileError(Diagnostic(msg, file, span), source)
 
 
 def parse(source: str, file: str = "<input>") -> ast.Program:
     """Parse a whole .cnn source into a Program, or raise a located CompileError."""
+    text = source if source.endswith("\n") else source + "\n"
     try:
-        tree = _lark().parse(source if source.endswith("\n") else source + "\n")
+        tree = _lark().parse(text)
         name, statements = _ToAst().transform(tree)
     except UnexpectedInput as err:
-        raise _syntax_error(err, file, source) from None
+        raise _syntax_error(err, file, source, text) from None
     except VisitError as err:  # a bug in the transformer, never user input
         raise err.orig_exc from None
     return ast.Program(str(name), statements, file, source, _span(name))
