@@ -39,12 +39,12 @@ def cases():
         neuron = make_neuron(FUSABLE[i % len(FUSABLE)], (1.5, 0.7) if FUSABLE[i % len(FUSABLE)] == "tanh" else ())
         out.append(("conv_fwd", dict(p, neuron=neuron.to_json())))
         out.append(("conv_bwd_data", dict(p, accumulate=bool(i % 2))))
-        out.append(("conv_bwd_filter", p))
+        out.append(("conv_bwd_filter", dict(p, accumulate=not i % 2)))
     for i, (N, I, O) in enumerate([(4, 10, 7), (5, 130, 67), (33, 17, 100), (2, 300, 3)]):
         p = dict(N=N, I=I, O=O)
         out.append(("fc_fwd", dict(p, neuron=make_neuron(FUSABLE[(i + 3) % len(FUSABLE)]).to_json())))
         out.append(("fc_bwd_data", dict(p, accumulate=bool(i % 2))))
-        out.append(("fc_bwd_filter", p))
+        out.append(("fc_bwd_filter", dict(p, accumulate=not i % 2)))
     for name in FUSABLE:
         out.append(("neuron_bwd", dict(n=int(rng.integers(50, 300)), neuron=make_neuron(name).to_json())))
     for i, p in enumerate([pool(2, 3, 8, 8, 2, 2, 0, "max"), pool(2, 3, 9, 9, 3, 2, 0, "max"),
@@ -52,7 +52,7 @@ def cases():
                            pool(1, 2, 5, 5, 1, 3, 0, "max"), pool(2, 4, 10, 10, 3, 3, 1, "avg")]):
         out.append(("pool_fwd", p))
         out.append(("pool_bwd", dict(p, accumulate=bool(i % 2))))
-    out += [("bias_grad", dict(N=3, K=5, inner=49)), ("bias_grad", dict(N=70, K=4, inner=1)),
+    out += [("bias_grad", dict(N=3, K=5, inner=49)), ("bias_grad", dict(N=70, K=4, inner=1, accumulate=True)),
             ("bias_grad", dict(N=2, K=3, inner=1000))]
     for i, (N, C) in enumerate([(5, 10), (37, 3), (4, 1000)]):
         out.append(("softmax_fwd", dict(N=N, C=C)))

@@ -426,6 +426,15 @@ def accumulate_case(name, rng):
         p = fc_params(3, 4, 5)
         return p, dict(w=rng.standard_normal((4, 5)), dy=rng.standard_normal((3, 5)),
                        dx=np.zeros((3, 4)))
+    if name == "conv_bwd_filter":
+        p, x, w, _, dy = conv_inputs(rng, CONV_SHAPES[2])
+        return p, dict(x=x, dy=dy, dw=np.zeros_like(w))
+    if name == "fc_bwd_filter":
+        p = fc_params(3, 4, 5)
+        return p, dict(x=rng.standard_normal((3, 4)), dy=rng.standard_normal((3, 5)), dw=np.zeros((4, 5)))
+    if name == "bias_grad":
+        p = dict(N=3, K=4, inner=5)
+        return p, dict(dy=rng.standard_normal((3, 4, 5)), db=np.zeros(4))
     if name == "pool_bwd":
         p = pool_params(*POOL_SHAPES[2], "max")
         x = distinct_values(rng, (p["N"], p["C"], p["H"], p["W"]))
