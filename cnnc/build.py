@@ -34,7 +34,7 @@ from cnnc.diagnostics import CompileError, Diagnostic
 from cnnc.frontend.parser import parse
 from cnnc.ir import Network
 from cnnc.plan.planner import plan as make_plan
-from cnnc.plan.schedule import Plan
+from cnnc.plan.schedule import PLAN_FORMAT, Plan
 from cnnc.resources import resource_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
@@ -108,7 +108,7 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     if not force and _up_to_date(out_dir, digest):
         try:
             plan = Plan.from_json(json.loads((out_dir / "plan.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass                            # a damaged plan.json: rebuild it
         else:
             return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
@@ -141,10 +141,9 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
         resources: dict = {}
         if nvcc:
             for dev in plan.devices:
-                cu = scratch / f"gpu{dev.logical}.cu"
+                cu = scratch / f"gpu{dev}.cu"
                 try:
-                    result = stage(f"nvcc gpu{dev.logical}", compile_cubins, cu, scratch, list(archs),
-                                   f"gpu{dev.logical}")
+                    result = stage(f"nvcc gpu{dev}", compile_cubins, cu, scratch, list(archs), f"gpu{dev}")
                 except NvccError as e:
                     keep_scratch = True
                     raise CompileError(Diagnostic(
@@ -191,17 +190,17 @@ def _generate(plan: Plan, network: Network) -> dict[str, str]:
     sources = {}
     for dev in plan.devices:
         names = []
-        for phase in ("forward", "backward", "update"):
-            for launch in getattr(dev, phase):
-                if launch.kernel not in names:
-                    names.append(launch.kernel)
+        for program in plan.programs.values():
+            for op in program.get(dev, []):
+                if op.kind == "launch" and op.kernel not in names:
+                    names.append(op.kernel)
         kernels = [plan.kernels[n] for n in names]
         for dialect in DIALECTS.values():
-            title = f"{network.name}: kernels of logical device {dev.logical} ({dialect.name})"
+            title = f"{network.name}: kernels of logical device {dev} ({dialect.name})"
             text, launches = render_source(kernels, dialect, network.file, network.source, title)
             for name, geo in launches.items():
                 plan.kernels[name].launch[dialect.name] = geo
-            sources[f"gpu{dev.logical}.{dialect.extension}"] = text
+            sources[f"gpu{dev}.{dialect.extension}"] = text
     return sources
 
 
@@ -221,7 +220,8 @@ def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc,
         "layers": [{"name": l.name, "kind": l.kind, "inputs": list(l.inputs), "shape": str(l.shape),
                     "neuron": str(l.neuron), "gpus": list(l.gpus), "line": l.span.line if l.span else 0}
                    for l in network.layers],
-        "parameters": [{"name": p.buffer, "shape": list(p.shape)} for p in plan.parameters],
+        "parameters": [{"name": p.export_name, "shape": list(p.shape), "replicas": list(p.buffers)}
+                       for p in plan.parameters],
         "buffers_bytes": sum(b.nbytes for b in plan.buffers.values()),
         "kernels": {name: {"op": k.op, "layer": k.layer, "line": k.line, "launch": k.launch,
                            "resources": resources.get(name, {})}
@@ -252,7 +252,15 @@ def load_plan(build_dir: str | Path) -> Plan:
         raise CompileError(Diagnostic("not a build directory: plan.json is missing", str(build_dir),
                                       hint="create it with: cnnc compile NET.cnn -o " + str(build_dir)))
     try:
-        return Plan.from_json(json.loads(f.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
+        data = json.loads(f.read_text())
+    except (ValueError, OSError) as e:
+        raise CompileError(Diagnostic(f"plan.json is damaged ({e.__class__.__name__}); recompile", str(f))) \
+            from None
+    if isinstance(data, dict) and data.get("format") not in (None, PLAN_FORMAT):
+        raise CompileError(Diagnostic(f"plan.json has format {data.get('format')}, this cnnc reads format "
+                                      f"{PLAN_FORMAT}; recompile", str(f)))
+    try:
+        return Plan.from_json(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CompileError(Diagnostic(f"plan.json is damaged ({e.__class__.__name__}); recompile", str(f))) \
             from None

@@ -16,6 +16,7 @@ from cnnc import __version__
 from cnnc.backends.base import BackendError
 from cnnc.diagnostics import CompileError
 from cnnc.train.data import DataError
+from cnnc.train.weights import WeightsError
 
 USER_ERROR = 2
 
@@ -35,7 +36,7 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except CompileError as e:
             _fail(e.format())
-        except (DataError, BackendError) as e:
+        except (DataError, BackendError, WeightsError) as e:
             _fail(f"error: {e}")
         except OSError as e:            # e.g. -o below a regular file, a full disk
             where = f"{e.filename}: " if e.filename else ""
@@ -143,10 +144,12 @@ def _gpus(ctx, param, value: str) -> list[int]:
               help="Where metrics.jsonl and weights.npz go [default: BUILD_DIR/train].")
 @click.option("--test-freq", type=click.IntRange(min=0), default=0,
               help="Also evaluate every N steps (0: after each epoch only).")
+@click.option("--init", "init", type=click.Path(path_type=Path), default=None,
+              help="Start from these parameters (.npz as written by cnnc run / cnnc export).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_guard
 def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data: str,
-        save_dir: Path | None, test_freq: int, quiet: bool) -> None:
+        save_dir: Path | None, test_freq: int, init: Path | None, quiet: bool) -> None:
     """Train the network compiled into BUILD_DIR."""
     from tqdm import tqdm
 
@@ -155,7 +158,10 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     from cnnc.train.data import load_dataset
     from cnnc.train.loop import check_data, train
 
+    from cnnc.train.weights import weights_for
+
     p = load_plan(build_dir)
+    start = weights_for(p, init) if init else None
     ds = load_dataset(data)
     check_data(p, ds)                   # before a backend is set up or training is announced
     name = default_backend() if backend == "auto" else backend
@@ -165,11 +171,24 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     click.echo(f"training {p.network} on {be.describe()}: {len(ds.train_y)} train / {len(ds.test_y)} test "
                f"images, batch {p.batch}, {epochs} epochs")
     progress = None if quiet else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
-    history = train(p, be, ds, epochs, save_dir, test_freq, progress)
+    history = train(p, be, ds, epochs, save_dir, test_freq, progress, start)
     for ev in history:
         click.echo(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
                    f"test error {ev.test_error * 100:5.2f}%  {ev.images_per_s:8.0f} img/s")
     click.echo(f"metrics: {save_dir / 'metrics.jsonl'}  weights: {save_dir / 'weights.npz'}")
+
+
+@main.command()
+@click.argument("save_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .npz file to write.")
+@_guard
+def export(save_dir: Path, out: Path) -> None:
+    """Write the parameters of a training run (SAVE_DIR of cnnc run) to one .npz file."""
+    from cnnc.train.weights import export as export_weights
+
+    names = export_weights(save_dir, out)
+    click.echo(f"wrote {len(names)} arrays to {out}: {', '.join(names)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Run stage: one executor walks a plan on any backend.
+"""Run stage: one executor walks a plan's programs on any backend.
 
-It allocates the plan's buffers, initialises the parameters on the host
-(so every backend starts from the same numbers), and runs the forward,
-backward and update phases of each logical device in order.
+It allocates the plan's buffers, initialises the parameters on the host (so
+every backend and every placement starts from the same numbers), and runs a
+program: each logical device's ops in order, switching to another device
+whenever one waits for an event not yet recorded.  Backends that execute
+asynchronously get the record/wait calls too and turn them into real events.
 """
 from __future__ import annotations
 
@@ -13,18 +15,24 @@ import numpy as np
 from cnnc.backends.base import Backend
 from cnnc.ir import Schedule
 from cnnc.ops import OPS, Role
-from cnnc.plan.schedule import Launch, Plan
+from cnnc.plan.schedule import Op, Plan
+
+
+class ExecutionError(Exception):
+    """A plan that cannot run as written (a bug in the planner, never in user input)."""
 
 
 def initial_parameters(plan: Plan) -> dict[str, np.ndarray]:
-    """Weights ~ N(0, init_w²), biases constant, drawn from (seed, parameter index)."""
+    """Weights ~ N(0, init_w²), biases constant, drawn from (seed, parameter index).
+
+    Keyed by export name (`conv1.weights`); every replica starts from these values."""
     out = {}
     for p in plan.parameters:
         if "normal" in p.init:
             rng = np.random.default_rng([plan.seed, p.index])
-            out[p.buffer] = (rng.standard_normal(p.shape) * p.init["normal"]).astype(np.float32)
+            out[p.export_name] = (rng.standard_normal(p.shape) * p.init["normal"]).astype(np.float32)
         else:
-            out[p.buffer] = np.full(p.shape, p.init["const"], np.float32)
+            out[p.export_name] = np.full(p.shape, p.init["const"], np.float32)
     return out
 
 
@@ -33,58 +41,112 @@ class Executor:
         self.plan = plan
         self.backend = backend
         self.handles = {b.id: backend.alloc(b, b.device) for b in plan.buffers.values()}
+        self.host: dict[str, np.ndarray] = {}
+        self.counters: dict[str, int] = {"seed": plan.seed, "step": 0}   # named integer scalars
         self.set_parameters(parameters if parameters is not None else initial_parameters(plan))
 
     # -- parameters ---------------------------------------------------------------
     def set_parameters(self, values: dict[str, np.ndarray]) -> None:
+        """Load parameters (by export name) into every replica; momentum restarts at zero."""
         for p in self.plan.parameters:
-            if p.buffer in values:
-                self.backend.upload(self.handles[p.buffer], np.asarray(values[p.buffer], np.float32).reshape(-1))
+            if p.export_name in values:
+                v = np.asarray(values[p.export_name], np.float32)
+                if v.shape != tuple(p.shape):
+                    raise ValueError(f"{p.export_name}: expected shape {tuple(p.shape)}, got {v.shape}")
+                for buf, inc in zip(p.buffers, p.incs):
+                    self.backend.upload(self.handles[buf], v.reshape(-1))
+                    self.backend.upload(self.handles[inc], np.zeros(v.size, np.float32))
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """Current parameter values by buffer id (`<layer>.weights`, `<layer>.biases`)."""
-        return {p.buffer: self.read(p.buffer).reshape(p.shape) for p in self.plan.parameters}
+        """Current parameter values by export name (replica 0; the replicas are identical)."""
+        self.backend.synchronize()
+        return {p.export_name: self.read(p.buffers[0]).reshape(p.shape) for p in self.plan.parameters}
+
+    def replica_parameters(self) -> dict[str, list[np.ndarray]]:
+        self.backend.synchronize()
+        return {p.export_name: [self.read(b).reshape(p.shape) for b in p.buffers] for p in self.plan.parameters}
 
     def read(self, buffer_id: str) -> np.ndarray:
         return self.backend.download(self.handles[buffer_id], self.plan.buffers[buffer_id])
 
     # -- running ------------------------------------------------------------------
-    def _args(self, launch: Launch, progress: float) -> list[Any]:
-        kernel = self.plan.kernels[launch.kernel]
-        args, buffers = [], iter(launch.args)
+    def _launch_args(self, op: Op, progress: float) -> list[Any]:
+        kernel = self.plan.kernels[op.kernel]
+        args, buffers = [], iter(op.args)
         for name, role in OPS[kernel.op].args:
             if role is Role.SCALAR:
-                v = launch.scalars[name]
+                v = op.scalars[name]
                 args.append(Schedule.from_json(v).at(progress) if isinstance(v, dict) else float(v))
+            elif role is Role.INT_SCALAR:
+                args.append(np.int32(self.counters.get(op.scalars[name], op.scalars[name])
+                                     if isinstance(op.scalars[name], str) else op.scalars[name]))
             else:
                 args.append(self.handles[next(buffers)])
         return args
 
-    def run_phase(self, phase: str, progress: float = 0.0) -> None:
-        for dev in self.plan.devices:
-            for launch in getattr(dev, phase):
-                kernel = self.plan.kernels[launch.kernel]
-                self.backend.launch(kernel, dev.logical, self._args(launch, progress))
+    def _execute(self, device: int, op: Op, progress: float) -> None:
+        b = self.backend
+        if op.kind == "launch":
+            b.launch(self.plan.kernels[op.kernel], device, self._launch_args(op, progress))
+        elif op.kind == "copy":
+            src = self.plan.buffers[op.src]
+            b.copy(self.handles[op.src], src.device, op.src_offset, self.handles[op.dst], device, op.dst_offset,
+                   op.count)
+        elif op.kind == "upload":
+            n = self.plan.share_size
+            data = self.host[op.input][op.share * n:(op.share + 1) * n]
+            b.upload(self.handles[op.dst], np.ascontiguousarray(data).reshape(-1))
+        elif op.kind == "record":
+            b.record(op.event, device)
+        elif op.kind == "wait":
+            b.wait(op.event, device)
+        else:
+            raise ExecutionError(f"unknown op kind {op.kind!r}")
+
+    def run(self, program: str, progress: float = 0.0) -> None:
+        """Run one program: every device's ops in order, honouring cross-device events."""
+        programs = self.plan.programs[program]
+        position = {d: 0 for d in programs}
+        recorded: set[str] = set()
+        remaining = sum(len(ops) for ops in programs.values())
+        while remaining:
+            progressed = False
+            for dev, ops in programs.items():
+                while position[dev] < len(ops):
+                    op = ops[position[dev]]
+                    if op.kind == "wait" and op.event not in recorded:
+                        break
+                    self._execute(dev, op, progress)
+                    if op.kind == "record":
+                        recorded.add(op.event)
+                    position[dev] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                stuck = {d: ops[position[d]].event for d, ops in programs.items() if position[d] < len(ops)}
+                raise ExecutionError(f"program '{program}' deadlocks: devices wait for {stuck}")
 
     def load_batch(self, x: np.ndarray, y: np.ndarray) -> None:
-        for name, buf in self.plan.data.items():
-            arr = y if self.plan.buffers[buf].dtype == "i32" else x
-            self.backend.upload(self.handles[buf], np.ascontiguousarray(arr).reshape(-1))
+        """Host-side minibatch; `upload` ops copy each device's share from here."""
+        for name, kind in self.plan.inputs.items():
+            self.host[name] = y if kind == "labels" else x
 
     def cost_outputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-case loss and correctness of the first cost layer."""
+        """Per-case loss and correctness of the first cost layer, in minibatch order."""
+        self.backend.synchronize()
         c = self.plan.costs[0]
-        return self.read(c["loss"]), self.read(c["correct"])
+        return (np.concatenate([self.read(b) for b in c["loss"]]),
+                np.concatenate([self.read(b) for b in c["correct"]]))
 
     def train_step(self, x: np.ndarray, y: np.ndarray, progress: float) -> tuple[np.ndarray, np.ndarray]:
-        """Forward, backward and update on one minibatch; returns per-case loss and correctness."""
+        """Forward, backward, gradient exchange and updates on one minibatch;
+        returns per-case loss and correctness."""
         self.load_batch(x, y)
-        self.run_phase("forward", progress)
-        self.run_phase("backward", progress)
-        self.run_phase("update", progress)
+        self.run("train", progress)
+        self.counters["step"] += 1
         return self.cost_outputs()
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.load_batch(x, y)
-        self.run_phase("forward")
+        self.run("test")
         return self.cost_outputs()

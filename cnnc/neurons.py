@@ -5,7 +5,10 @@ kernels) and once as a numpy function (the reference backend).  Backward is
 expressed through the neuron's *output* ``y``, so a fused ``conv ... relu``
 keeps only its output and the backward pass needs no extra buffer.  Neurons
 whose derivative cannot be recovered from the output (``abs``, ``square``)
-are marked ``needs_input``; the compiler refuses to fuse them.
+are marked ``needs_input``; the compiler refuses to fuse them.  Every row
+also carries its derivative in terms of the *input* x (``grad_x_c`` and
+``grad_x_np``), which a standalone neuron layer (ops ``neuron_fwd`` and
+``neuron_bwd_input``) uses, so any neuron can run unfused.
 
 Parameters follow cuda-convnet2: ``tanh[a,b]`` is a*tanh(b*x),
 ``brelu[a]`` is min(max(x,0),a), ``linear[a,b]`` is a*x+b, ``log[a]`` is
@@ -29,6 +32,8 @@ class NeuronKind:
     forward_np: Callable
     grad_np: Callable       # (y, a, b) -> dy/dx
     needs_input: bool = False
+    grad_x_c: str = ""      # d y / d x in terms of x, a, b
+    grad_x_np: Callable | None = None   # (x, a, b) -> dy/dx
 
 
 def _np_tanh(x, a, b):
@@ -39,28 +44,45 @@ NEURONS: dict[str, NeuronKind] = {
     n.name: n
     for n in [
         NeuronKind("ident", (), (), "x", "1.0f",
-                   lambda x, a, b: x, lambda y, a, b: np.ones_like(y)),
+                   lambda x, a, b: x, lambda y, a, b: np.ones_like(y),
+                   grad_x_c="1.0f", grad_x_np=lambda x, a, b: np.ones_like(x)),
         NeuronKind("relu", (), (), "fmax(x, 0.0f)", "(y > 0.0f ? 1.0f : 0.0f)",
-                   lambda x, a, b: np.maximum(x, 0), lambda y, a, b: (y > 0).astype(y.dtype)),
+                   lambda x, a, b: np.maximum(x, 0), lambda y, a, b: (y > 0).astype(y.dtype),
+                   grad_x_c="(x > 0.0f ? 1.0f : 0.0f)",
+                   grad_x_np=lambda x, a, b: (x > 0).astype(x.dtype)),
         NeuronKind("logistic", (), (), "1.0f / (1.0f + exp(-x))", "y * (1.0f - y)",
-                   lambda x, a, b: 1 / (1 + np.exp(-x)), lambda y, a, b: y * (1 - y)),
+                   lambda x, a, b: 1 / (1 + np.exp(-x)), lambda y, a, b: y * (1 - y),
+                   grad_x_c="1.0f / (1.0f + exp(-x)) * (1.0f - 1.0f / (1.0f + exp(-x)))",
+                   grad_x_np=lambda x, a, b: 1 / (1 + np.exp(-x)) * (1 - 1 / (1 + np.exp(-x)))),
         NeuronKind("tanh", ("a", "b"), (1.0, 1.0), "a * tanh(b * x)", "b * (a - y * y / a)",
-                   _np_tanh, lambda y, a, b: b * (a - y * y / a)),
+                   _np_tanh, lambda y, a, b: b * (a - y * y / a),
+                   grad_x_c="a * b * (1.0f - tanh(b * x) * tanh(b * x))",
+                   grad_x_np=lambda x, a, b: a * b * (1 - np.tanh(b * x) ** 2)),
         NeuronKind("brelu", ("a",), (1.0,), "fmin(fmax(x, 0.0f), a)",
                    "(y > 0.0f && y < a ? 1.0f : 0.0f)",
                    lambda x, a, b: np.minimum(np.maximum(x, 0), a),
-                   lambda y, a, b: ((y > 0) & (y < a)).astype(y.dtype)),
+                   lambda y, a, b: ((y > 0) & (y < a)).astype(y.dtype),
+                   grad_x_c="(x > 0.0f && x < a ? 1.0f : 0.0f)",
+                   grad_x_np=lambda x, a, b: ((x > 0) & (x < a)).astype(x.dtype)),
         NeuronKind("softrelu", (), (), "(x > 20.0f ? x : log(1.0f + exp(x)))", "(1.0f - exp(-y))",
                    lambda x, a, b: np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20)))),
-                   lambda y, a, b: 1 - np.exp(-y)),
+                   lambda y, a, b: 1 - np.exp(-y),
+                   grad_x_c="1.0f / (1.0f + exp(-x))",
+                   grad_x_np=lambda x, a, b: 1 / (1 + np.exp(-x))),
         NeuronKind("linear", ("a", "b"), (1.0, 0.0), "a * x + b", "a",
-                   lambda x, a, b: a * x + b, lambda y, a, b: np.full_like(y, a)),
+                   lambda x, a, b: a * x + b, lambda y, a, b: np.full_like(y, a),
+                   grad_x_c="a", grad_x_np=lambda x, a, b: np.full_like(x, a)),
         NeuronKind("sqrt", (), (), "sqrt(x)", "0.5f / y",
-                   lambda x, a, b: np.sqrt(x), lambda y, a, b: 0.5 / y),
+                   lambda x, a, b: np.sqrt(x), lambda y, a, b: 0.5 / y,
+                   grad_x_c="0.5f / sqrt(x)", grad_x_np=lambda x, a, b: 0.5 / np.sqrt(x)),
         NeuronKind("log", ("a",), (1.0,), "log(a + x)", "exp(-y)",
-                   lambda x, a, b: np.log(a + x), lambda y, a, b: np.exp(-y)),
-        NeuronKind("abs", (), (), "fabs(x)", "", lambda x, a, b: np.abs(x), None, needs_input=True),
-        NeuronKind("square", (), (), "x * x", "", lambda x, a, b: x * x, None, needs_input=True),
+                   lambda x, a, b: np.log(a + x), lambda y, a, b: np.exp(-y),
+                   grad_x_c="1.0f / (a + x)", grad_x_np=lambda x, a, b: 1 / (a + x)),
+        NeuronKind("abs", (), (), "fabs(x)", "", lambda x, a, b: np.abs(x), None, needs_input=True,
+                   grad_x_c="(x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f))",
+                   grad_x_np=lambda x, a, b: np.sign(x)),
+        NeuronKind("square", (), (), "x * x", "", lambda x, a, b: x * x, None, needs_input=True,
+                   grad_x_c="2.0f * x", grad_x_np=lambda x, a, b: 2 * x),
     ]
 }
 

@@ -13,15 +13,27 @@ replica's share of a minibatch is one contiguous slice):
 * conv weights:  [K, C, R, S]  (filters, channels, rows, columns)
 * fc activations [N, I]; fc weights [I, O]
 * labels:        int32 [N]
+* grouped conv weights: [K, C/groups, R, S]; filter k sees the channels of its
+  group g = k // (K/groups), i.e. channels g*C/groups .. (g+1)*C/groups - 1
+* local weights: [P*Q, K, C, R, S]  (one filter bank per output position p*Q+q)
+* unshared biases: [K, P, Q]
+* cost targets:  f32 [N, C] (one-hot or soft labels of crossent)
 
 Gradients with respect to weights are *sums* over the cases of the batch; the
 update divides by the number of cases (DESIGN §4).  Ops with an
 ``accumulate`` parameter add into their output instead of overwriting it;
 the planner uses that when a layer's output feeds several consumers, and
 for weight gradients summed over several passes (hybrid parallelism).
+
+Runtime scalars come in two kinds: ``SCALAR`` arguments are 32-bit floats
+(the optimiser's learning rate, momentum, ...); ``INT_SCALAR`` arguments are
+32-bit integers (the dropout RNG's seed and step), declared ``const int`` in
+the kernel and read as unsigned: a backend passes them as ``numpy.int32`` (or
+``numpy.uint32``), the reference backend accepts any integer.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -68,8 +80,8 @@ OPS: dict[str, OpSpec] = {
         OpSpec("conv_bwd_data", (("w", I), ("dy", I), ("dx", O)), _CONV + ("accumulate",) + _GROUPS,
                "dx[n,c,h,w] (+)= sum over (k in c's group, r, s, p, q) with h = p*stride-pad+r, "
                "w = q*stride-pad+s of w[k,c mod C/groups,r,s] * dy[n,k,p,q]"),
-        OpSpec("conv_bwd_filter", (("x", I), ("dy", I), ("dw", O)), _CONV + _GROUPS,
-               "dw[k,c,r,s] = sum_{n,p,q} dy[n,k,p,q] * x[n,g*C/groups+c,p*stride-pad+r,q*stride-pad+s], "
+        OpSpec("conv_bwd_filter", (("x", I), ("dy", I), ("dw", O)), _CONV + ("accumulate",) + _GROUPS,
+               "dw[k,c,r,s] (+)= sum_{n,p,q} dy[n,k,p,q] * x[n,g*C/groups+c,p*stride-pad+r,q*stride-pad+s], "
                "g = k // (K/groups)"),
         OpSpec("bias_grad", (("dy", I), ("db", O)), ("N", "K", "inner", "accumulate"),
                "db[k] (+)= sum_{n<N, i<inner} dy[(n*K + k)*inner + i]"),
@@ -187,11 +199,14 @@ OPS: dict[str, OpSpec] = {
         OpSpec("local_bwd_data", (("w", I), ("dy", I), ("dx", O)), _CONV + ("accumulate",),
                "dx[n,c,h,w] (+)= sum over (k,r,s,p,q) with h = p*stride-pad+r, w = q*stride-pad+s of "
                "w[p*Q+q,k,c,r,s] * dy[n,k,p,q]"),
-        OpSpec("local_bwd_filter", (("x", I), ("dy", I), ("dw", O)), _CONV,
-               "dw[p*Q+q,k,c,r,s] = sum_n dy[n,k,p,q] * x[n,c,p*stride-pad+r,q*stride-pad+s]"),
-        OpSpec("bias_grad_unshared", (("dy", I), ("db", O)), ("N", "K", "inner"),
-               "db[k*inner + i] = sum_{n<N} dy[(n*K + k)*inner + i]: unshared (per position) biases "
+        OpSpec("local_bwd_filter", (("x", I), ("dy", I), ("dw", O)), _CONV + ("accumulate",),
+               "dw[p*Q+q,k,c,r,s] (+)= sum_n dy[n,k,p,q] * x[n,c,p*stride-pad+r,q*stride-pad+s]"),
+        OpSpec("bias_grad_unshared", (("dy", I), ("db", O)), ("N", "K", "inner", "accumulate"),
+               "db[k*inner + i] (+)= sum_{n<N} dy[(n*K + k)*inner + i]: unshared (per position) biases "
                "of conv (shared_biases=False) and local layers, inner = P*Q"),
+        OpSpec("replica_sum", (("stage", I), ("g", IO)), ("R", "n", "offset"),
+               "g[offset + i] = sum over r = 0..R-1, in that order, of stage[r*n + i]: one chunk of the "
+               "reduce-scatter that sums replicated weights' gradients"),
         OpSpec("sgd_update",
                (("w", IO), ("dw", I), ("inc", IO), ("lr", S), ("momentum", S), ("weight_decay", S),
                 ("inv_cases", S)),
@@ -199,6 +214,12 @@ OPS: dict[str, OpSpec] = {
                "inc = momentum*inc - lr*(dw*inv_cases + weight_decay*w); w += inc"),
     ]
 }
+
+
+def dropout_threshold(keep: float) -> int:
+    """Dropout keeps a value iff (philox word >> 8) < this, i.e. iff u = (word >> 8) / 2^24 < keep,
+    decided in exact integers so every backend draws bit-identical masks."""
+    return min(int(math.ceil(keep * (1 << 24))), 1 << 24)
 
 
 def op(name: str) -> OpSpec:

@@ -167,7 +167,7 @@ def test_changed_source_rebuilds(tiny_cnn: Path, tmp_path: Path) -> None:
     assert not second.up_to_date
     assert second.network.layers[0].shape != first.network.layers[0].shape
     assert load_plan(out).to_json() == second.plan.to_json()
-    shapes = {p.buffer: p.shape for p in load_plan(out).parameters}
+    shapes = {p.export_name: p.shape for p in load_plan(out).parameters}
     assert shapes["conv1.weights"] == (6, 1, 3, 3)
     assert compile_file(tiny_cnn, out, use_nvcc=False).up_to_date
 
@@ -293,7 +293,7 @@ def _extra_field(text: str) -> str:
 
 def _wrong_type(text: str) -> str:
     j = json.loads(text)
-    j["devices"] = [0]
+    j["programs"] = [0]
     return json.dumps(j)
 
 

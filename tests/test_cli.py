@@ -102,7 +102,7 @@ def test_plan_text(tiny_build_dir: Path) -> None:
     result = cli("plan", tiny_build_dir)
     assert result.exit_code == 0, result.output
     text = result.stdout
-    assert first_line(text).startswith("network tiny: batch 8, ")
+    assert first_line(text).startswith("network tiny: batch 8 in 1 share(s), ")
     assert "1 logical device(s)" in first_line(text)
     for heading in ("device 0:", "forward:", "backward:", "update:"):
         assert heading in text
@@ -118,9 +118,11 @@ def test_plan_json(tiny_build_dir: Path) -> None:
     assert s["parameters"] == sum(math.prod(shape) for shape in WEIGHTS.values())
     [dev] = s["devices"]
     assert dev["logical"] == 0
-    assert set(dev["phases"]) == {"forward", "backward", "update"}
-    assert all(dev["phases"][p] for p in ("forward", "backward", "update"))
-    listed = {row["kernel"] for rows in dev["phases"].values() for row in rows}
+    assert {row["phase"] for row in dev["program"]} == {"forward", "backward", "update"}
+    assert [l["name"] for l in s["layers"]] == ["conv1", "pool1", "fc2", "probs", "cost"]
+    assert all(l["devices"] == [0] and l["passes"] == 1 for l in s["layers"])
+    assert s["transfers"] == [] and set(map(str, s["peak_memory_bytes"])) == {"0"}
+    listed = {row["kernel"] for row in dev["program"] if row["op"] == "launch"}
     assert listed == set(load_plan(tiny_build_dir).kernels)
     assert dev["flops_per_step"] > 0
 

@@ -60,16 +60,87 @@ def cases():
         out.append(("logreg_fwd", dict(N=N, C=C, top_k=1 + i)))
         out.append(("logreg_bwd", dict(N=N, C=C, coeff=1.0 + i, accumulate=bool(i % 2))))
         out.append(("softmax_logreg_bwd", dict(N=N, C=C, coeff=0.5 + i, accumulate=not i % 2)))
+    out.append(("replica_sum", dict(R=3, n=50, offset=7)))
+    out.append(("replica_sum", dict(R=2, n=1000, offset=0)))
     out.append(("sgd_update", dict(n=1000)))
     out.append(("sgd_update", dict(n=7)))
+    out += layer_op_cases()
     return [Kernel(f"case{i}_{op}", op, p, "", 0, f"test case {i}") for i, (op, p) in enumerate(out)]
+
+
+def norm(N, C, H, W, size, **kw):
+    return dict(N=N, C=C, H=H, W=W, size=size, scale=kw.pop("scale", 0.7), pow=kw.pop("pow", 0.75),
+                min_div=kw.pop("min_div", 1.0), **kw)
+
+
+def layer_op_cases():
+    """Cases of the cuda-convnet2 layer ops beyond conv/fc/pool/softmax."""
+    out = []
+    for i, name in enumerate(NEURONS):
+        neuron = make_neuron(name, (1.5, 0.7) if name in ("tanh", "linear") else (1.3,) if name == "brelu" else ())
+        out.append(("neuron_fwd", dict(n=97 + 13 * i, neuron=neuron.to_json())))
+        out.append(("neuron_bwd_input", dict(n=130 - 7 * i, neuron=neuron.to_json(), accumulate=bool(i % 2))))
+    for i, n in enumerate([1, 100, 1000]):
+        out.append(("eltsum_fwd", dict(n=n, coeff=0.5 - i, accumulate=bool(i % 2))))
+        out.append(("eltsum_bwd", dict(n=n, coeff=1.5 + i, accumulate=not i % 2)))
+        out.append(("eltmax_fwd", dict(n=n, index=i, first=i == 0)))
+        out.append(("eltmax_bwd", dict(n=n, index=i, accumulate=bool(i % 2))))
+    for i, (N, D, D_out, offset) in enumerate([(3, 10, 25, 0), (4, 49, 147, 98), (1, 7, 7, 0), (70, 5, 11, 3)]):
+        out.append(("concat_fwd", dict(N=N, D=D, D_out=D_out, offset=offset)))
+        out.append(("concat_bwd", dict(N=N, D=D, D_out=D_out, offset=offset, accumulate=bool(i % 2))))
+    for i, (N, C) in enumerate([(5, 10), (37, 3), (4, 1000)]):
+        out.append(("crossent_fwd", dict(N=N, C=C)))
+        out.append(("crossent_bwd", dict(N=N, C=C, coeff=1.0 + i, accumulate=bool(i % 2))))
+        out.append(("softmax_crossent_bwd", dict(N=N, C=C, coeff=0.5 + i, accumulate=not i % 2)))
+    for i, (N, D) in enumerate([(5, 10), (67, 3), (2, 2000)]):
+        out.append(("sum2_fwd", dict(N=N, D=D)))
+        out.append(("sum2_bwd", dict(N=N, D=D, coeff=0.3 + i, accumulate=bool(i % 2))))
+    for i, p in enumerate([norm(2, 16, 5, 5, 5), norm(3, 7, 3, 4, 4, scale=0.01, pow=0.5),
+                           norm(1, 20, 2, 2, 9, blocked=True), norm(2, 5, 3, 3, 2, min_div=2.0)]):
+        out.append(("cmrnorm_fwd", p))
+        out.append(("cmrnorm_bwd", dict(p, accumulate=bool(i % 2))))
+    for i, p in enumerate([norm(2, 3, 8, 8, 5), norm(1, 2, 7, 9, 4, scale=0.05), norm(3, 1, 5, 5, 1),
+                           norm(1, 2, 11, 11, 9, pow=0.6)]):
+        out.append(("rnorm_fwd", p))
+        out.append(("rnorm_bwd", dict(p, accumulate=bool(i % 2))))
+        out.append(("cnorm_meandiff", {key: p[key] for key in ("N", "C", "H", "W", "size")}))
+        out.append(("cnorm_fwd", p))
+        out.append(("cnorm_bwd_prep", p))
+        out.append(("cnorm_bwd", dict(p, accumulate=not i % 2)))
+    for i, (N, D, keep, variant) in enumerate([(4, 50, 0.5, "dropout"), (33, 17, 0.8, "dropout"),
+                                               (8, 100, 0.5, "dropout2"), (2, 1000, 0.1, "dropout2")]):
+        p = dict(N=N, D=D, keep=keep, layer_id=3 + i, case_offset=16 * i, variant=variant)
+        out.append(("dropout_fwd", p))
+        out.append(("dropout_fwd", dict(p, train=False)))
+        out.append(("dropout_bwd", dict(n=N * D, accumulate=bool(i % 2))))
+    locals_ = [conv(2, 3, 8, 8, 4, 3, 1, 1), conv(3, 5, 9, 7, 6, 3, 2, 1), conv(5, 2, 6, 6, 16, 5, 1, 0),
+               conv(2, 4, 7, 7, 3, 4, 2, 0)]
+    for i, p in enumerate(locals_):
+        out.append(("local_fwd", dict(p, neuron=make_neuron(FUSABLE[(i + 1) % len(FUSABLE)]).to_json())))
+        out.append(("local_bwd_data", dict(p, accumulate=bool(i % 2))))
+        out.append(("local_bwd_filter", dict(p, accumulate=not i % 2)))
+        out.append(("bias_grad_unshared", dict(N=p["N"], K=p["K"], inner=p["P"] * p["Q"], accumulate=bool(i % 2))))
+    grouped = [dict(conv(2, 4, 8, 8, 6, 3, 1, 1), groups=2), dict(conv(3, 6, 9, 7, 9, 3, 2, 1), groups=3),
+               dict(conv(2, 8, 6, 6, 8, 1, 1, 0), groups=4, shared_biases=False),
+               dict(conv(2, 3, 7, 7, 4, 3, 2, 0), shared_biases=False),
+               dict(conv(2, 4, 9, 9, 40, 3, 1, 1), groups=2)]
+    for i, p in enumerate(grouped):
+        out.append(("conv_fwd", dict(p, neuron=make_neuron(FUSABLE[(i + 2) % len(FUSABLE)]).to_json())))
+        out.append(("conv_bwd_data", dict(p, accumulate=bool(i % 2))))
+        out.append(("conv_bwd_filter", dict(p, accumulate=not i % 2)))
+    return out
 
 
 def buffer_size(op: str, name: str, p: dict) -> int:
     """Element count of an op argument, from the op's params."""
+    special = layer_buffer_size(op, name, p)
+    if special is not None:
+        return special
+    groups = p.get("groups", 1)
     sizes = {
         "conv": dict(x=p.get("N", 0) * p.get("C", 0) * p.get("H", 0) * p.get("W", 0),
-                     w=p.get("K", 0) * p.get("C", 0) * p.get("R", 0) * p.get("S", 0), b=p.get("K", 0),
+                     w=p.get("K", 0) * (p.get("C", 0) // groups) * p.get("R", 0) * p.get("S", 0),
+                     b=p.get("K", 0) * (1 if p.get("shared_biases", True) else p.get("P", 0) * p.get("Q", 0)),
                      y=p.get("N", 0) * p.get("K", 0) * p.get("P", 0) * p.get("Q", 0)),
     }
     if op.startswith("conv"):
@@ -83,11 +154,33 @@ def buffer_size(op: str, name: str, p: dict) -> int:
                 "y": p["N"] * p["C"] * p["P"] * p["Q"], "dy": p["N"] * p["C"] * p["P"] * p["Q"]}[name]
     if op == "bias_grad":
         return {"dy": p["N"] * p["K"] * p["inner"], "db": p["K"]}[name]
+    if op == "replica_sum":
+        return {"stage": p["R"] * p["n"], "g": p["offset"] + p["n"] + 5}[name]
     if op in ("neuron_bwd", "sgd_update"):
         return p["n"]
     if name in ("labels", "loss", "correct"):
         return p["N"]
     return p["N"] * p["C"]
+
+
+def layer_buffer_size(op: str, name: str, p: dict) -> int | None:
+    """Element counts for the layer ops of layer_op_cases(); None for the others."""
+    if op.startswith("local"):
+        img, out = p["N"] * p["C"] * p["H"] * p["W"], p["N"] * p["K"] * p["P"] * p["Q"]
+        wsize = p["P"] * p["Q"] * p["K"] * p["C"] * p["R"] * p["S"]
+        return {"x": img, "dx": img, "w": wsize, "dw": wsize, "b": p["K"] * p["P"] * p["Q"], "y": out,
+                "dy": out}[name]
+    if op == "bias_grad_unshared":
+        return {"dy": p["N"] * p["K"] * p["inner"], "db": p["K"] * p["inner"]}[name]
+    if op.startswith(("cmrnorm", "rnorm", "cnorm")):
+        return p["N"] * p["C"] * p["H"] * p["W"]
+    if op in ("concat_fwd", "concat_bwd"):
+        return p["N"] * (p["D"] if name in ("x", "dx") else p["D_out"])
+    if op in ("dropout_fwd", "sum2_fwd", "sum2_bwd"):
+        return p["N"] if name == "loss" else p["N"] * p["D"]
+    if op.startswith(("neuron_fwd", "neuron_bwd_input", "eltsum", "eltmax", "dropout_bwd")):
+        return p["n"]
+    return None
 
 
 def inputs_for(k: Kernel, rng) -> dict[str, np.ndarray | float]:
@@ -96,6 +189,9 @@ def inputs_for(k: Kernel, rng) -> dict[str, np.ndarray | float]:
     for name, role in OPS[k.op].args:
         if role is Role.SCALAR:
             vals[name] = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.001, "inv_cases": 1 / 32}[name]
+            continue
+        if role is Role.INT_SCALAR:
+            vals[name] = np.int32({"seed": 1234567, "step": 41}[name])
             continue
         n = buffer_size(k.op, name, p)
         if name == "labels":
@@ -115,7 +211,46 @@ def inputs_for(k: Kernel, rng) -> dict[str, np.ndarray | float]:
         vals["y"] = nr.forward(x.astype(np.float32))
     if k.op == "pool_bwd":                   # y must be the pooling of x
         REFERENCE_OPS["pool_fwd"](p, vals["x"], vals["y"])
+    layer_inputs(k, rng, vals)
     return vals
+
+
+def layer_inputs(k: Kernel, rng, vals: dict) -> None:
+    """Make the inputs of the layer ops valid: domains, one-hot targets, forward results."""
+    p = k.params
+    if k.op in ("neuron_fwd", "neuron_bwd_input"):
+        from cnnc.neurons import Neuron
+        nr = Neuron.from_json(p["neuron"])
+        x = rng.uniform(0.1, 2.0, p["n"]) * rng.choice([-1, 1], p["n"])
+        if nr.name in ("sqrt", "log"):
+            x = np.abs(x)
+        vals["x"] = x.astype(np.float32)
+    if k.op == "eltmax_bwd":
+        vals["arg"] = rng.integers(0, 3, p["n"]).astype(np.float32)
+    if "targets" in vals:                   # one-hot rows, and a few soft ones
+        t = np.zeros((p["N"], p["C"]), np.float32)
+        t[np.arange(p["N"]), rng.integers(0, p["C"], p["N"])] = 1
+        t[::3] = rng.dirichlet(np.ones(p["C"]), len(t[::3]))
+        vals["targets"] = t.reshape(-1)
+    if k.op in ("crossent_fwd",) and p["C"] > 3:   # a tie at the maximum
+        probs = vals["probs"].reshape(p["N"], p["C"])
+        probs[0, 1] = probs[0].max()
+        vals["targets"].reshape(p["N"], p["C"])[0] = np.eye(p["C"], dtype=np.float32)[1]
+    norm_keys = {key: p[key] for key in ("N", "C", "H", "W", "size", "scale", "pow", "min_div", "blocked")
+                 if key in p}
+    if k.op == "cmrnorm_bwd":
+        REFERENCE_OPS["cmrnorm_fwd"](norm_keys, vals["x"], np.zeros_like(vals["x"]), vals["denoms"])
+    if k.op == "rnorm_bwd":
+        REFERENCE_OPS["rnorm_fwd"](norm_keys, vals["x"], np.zeros_like(vals["x"]), vals["denoms"])
+    if k.op in ("cnorm_fwd", "cnorm_bwd_prep", "cnorm_bwd"):
+        md = np.zeros_like(vals["denoms"])
+        REFERENCE_OPS["cnorm_meandiff"](norm_keys, vals.get("x", rng.standard_normal(md.size).astype(np.float32)), md)
+        if k.op != "cnorm_bwd":
+            vals["md"] = md
+        den = np.zeros_like(md)
+        REFERENCE_OPS["cnorm_fwd"](norm_keys, vals.get("x", md), md, np.zeros_like(md), den)
+        if k.op != "cnorm_fwd":
+            vals["denoms"] = den
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +273,7 @@ def test_kernel_matches_reference(device, name):
     REFERENCE_OPS[k.op](k.params, *[ref[n] for n in OPS[k.op].arg_names])
     handles = {}
     for n, role in OPS[k.op].args:
-        if role is Role.SCALAR:
+        if role in (Role.SCALAR, Role.INT_SCALAR):
             continue
         v = vals[n]
         buf = Buffer(n, 0, v.size, "i32" if v.dtype == np.int32 else "f32", "test", "")

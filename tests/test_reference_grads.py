@@ -29,6 +29,9 @@ def run(name, params, **arrays):
         if role is Role.SCALAR:
             args.append(float(arrays[arg]))
             continue
+        if role is Role.INT_SCALAR:
+            args.append(int(arrays[arg]))
+            continue
         a = np.asarray(arrays[arg])
         flat[arg] = a.reshape(-1).copy()
         args.append(flat[arg])
@@ -419,6 +422,8 @@ def test_sgd_update_two_steps():
 
 def accumulate_case(name, rng):
     """Params and arrays (output zeroed) for one op that has an accumulate parameter."""
+    if name in LAYER_ACCUMULATE_CASES:
+        return LAYER_ACCUMULATE_CASES[name](rng)
     if name == "conv_bwd_data":
         p, x, w, _, dy = conv_inputs(rng, CONV_SHAPES[2])
         return p, dict(w=w, dy=dy, dx=np.zeros_like(x))
@@ -464,3 +469,498 @@ def test_accumulate_adds_to_existing_contents(rng, name):
     np.testing.assert_array_equal(overwritten, fresh)
     np.testing.assert_array_equal(defaulted, fresh)
     np.testing.assert_allclose(added, before + fresh, rtol=1e-14, atol=1e-14)
+
+
+# ====================================================================== layer ops
+# The cuda-convnet2 layer ops beyond conv/fc/pool/softmax: every backward against central
+# differences of its forward, every forward against a direct loop over its formula.
+
+def norm_params(N, C, H, W, size, scale=0.8, pow=0.75, min_div=1.0, blocked=False):
+    return dict(N=N, C=C, H=H, W=W, size=size, scale=scale, pow=pow, min_div=min_div, blocked=blocked,
+                accumulate=False)
+
+
+def window(o, size, n, blocked=False):
+    """cuda-convnet2's window of output o: start -size/2 + o (or o's block), clipped to 0..n-1."""
+    lo = (o // size) * size if blocked else o - size // 2
+    return range(max(lo, 0), min(lo + size, n))
+
+
+# --------------------------------------------------------- standalone neurons
+
+NEURON_PARAMS = {"tanh": (1.7, 0.6), "linear": (2.0, -0.5), "brelu": (1.5, 0.0), "log": (1.2, 0.0)}
+
+
+@pytest.mark.parametrize("name", sorted(NEURONS))
+def test_neuron_bwd_input(rng, name):
+    a, b = NEURON_PARAMS.get(name, (1.0, 0.0))
+    p = dict(n=40, neuron={"name": name, "a": a, "b": b}, accumulate=False)
+    x = rng.uniform(0.1, 1.4, 40) * rng.choice([-1, 1], 40)
+    if name in ("sqrt", "log"):
+        x = np.abs(x)
+    dy = rng.standard_normal(40)
+    fwd = lambda: run("neuron_fwd", p, x=x, y=np.zeros(40))["y"]
+    np.testing.assert_allclose(fwd(), NEURONS[name].forward_np(x, a, b), rtol=1e-14)
+    dx = run("neuron_bwd_input", p, x=x, dy=dy, dx=np.zeros(40))["dx"]
+    assert_grad(dx, fd_grad(fwd, x, dy))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, k in NEURONS.items() if not k.needs_input))
+def test_neuron_grad_through_input_equals_grad_through_output(rng, name):
+    a, b = NEURON_PARAMS.get(name, (1.0, 0.0))
+    x = rng.uniform(0.1, 1.4, 30) * rng.choice([-1, 1], 30)
+    if name in ("sqrt", "log"):
+        x = np.abs(x)
+    k = NEURONS[name]
+    np.testing.assert_allclose(k.grad_x_np(x, a, b), k.grad_np(k.forward_np(x, a, b), a, b), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------- eltsum, eltmax, concat
+
+def eltsum_y(coeffs, xs):
+    y = np.zeros_like(xs[0])
+    for i, (c, x) in enumerate(zip(coeffs, xs)):
+        y = run("eltsum_fwd", dict(n=x.size, coeff=c, accumulate=i > 0), x=x, y=y)["y"]
+    return y
+
+
+def test_eltsum(rng):
+    coeffs = [0.5, -1.25, 2.0]
+    xs = [rng.standard_normal((3, 4)) for _ in coeffs]
+    dy = rng.standard_normal((3, 4))
+    np.testing.assert_allclose(eltsum_y(coeffs, xs), sum(c * x for c, x in zip(coeffs, xs)), rtol=1e-14)
+    for c, x in zip(coeffs, xs):
+        dx = run("eltsum_bwd", dict(n=12, coeff=c, accumulate=False), dy=dy, dx=np.zeros((3, 4)))["dx"]
+        assert_grad(dx, fd_grad(lambda: eltsum_y(coeffs, xs), x, dy))
+
+
+def eltmax_y(xs):
+    y, arg = np.zeros_like(xs[0]), np.zeros_like(xs[0])
+    for i, x in enumerate(xs):
+        out = run("eltmax_fwd", dict(n=x.size, index=i, first=i == 0), x=x, y=y, arg=arg)
+        y, arg = out["y"], out["arg"]
+    return y, arg
+
+
+def test_eltmax(rng):
+    xs = list(distinct_values(rng, (3, 2, 5)))
+    y, arg = eltmax_y(xs)
+    np.testing.assert_array_equal(y, np.max(xs, axis=0))
+    np.testing.assert_array_equal(arg, np.argmax(xs, axis=0))
+    dy = rng.standard_normal(y.shape)
+    for i, x in enumerate(xs):
+        dx = run("eltmax_bwd", dict(n=x.size, index=i, accumulate=False), arg=arg, dy=dy, dx=np.zeros_like(x))["dx"]
+        assert_grad(dx, fd_grad(lambda: eltmax_y(xs)[0], x, dy))
+
+
+def test_eltmax_ties_go_to_the_first_input():
+    xs = [np.array([1.0, 5.0, 2.0]), np.array([1.0, 5.0, 3.0]), np.array([0.0, 5.0, 3.0])]
+    y, arg = eltmax_y(xs)
+    np.testing.assert_array_equal(y, [1.0, 5.0, 3.0])
+    np.testing.assert_array_equal(arg, [0, 0, 1])
+    grads = [run("eltmax_bwd", dict(n=3, index=i), arg=arg, dy=np.ones(3), dx=np.zeros(3))["dx"] for i in range(3)]
+    np.testing.assert_array_equal(grads, [[1, 1, 0], [0, 0, 1], [0, 0, 0]])
+
+
+def concat_y(parts, D_out):
+    y, offset = np.zeros((parts[0].shape[0], D_out)), 0
+    for x in parts:
+        y = run("concat_fwd", dict(N=x.shape[0], D=x.shape[1], D_out=D_out, offset=offset), x=x, y=y)["y"]
+        offset += x.shape[1]
+    return y
+
+
+def test_concat_along_channels(rng):
+    # NCHW inputs with 2 and 3 channels of 4x5: the channel concatenation is a per-case slice copy
+    a, b = rng.standard_normal((3, 2, 4, 5)), rng.standard_normal((3, 3, 4, 5))
+    parts = [a.reshape(3, -1), b.reshape(3, -1)]
+    y = concat_y(parts, 100)
+    np.testing.assert_array_equal(y.reshape(3, 5, 4, 5), np.concatenate([a, b], axis=1))
+    dy = rng.standard_normal((3, 100))
+    for x, offset in zip(parts, (0, 40)):
+        p = dict(N=3, D=x.shape[1], D_out=100, offset=offset, accumulate=False)
+        dx = run("concat_bwd", p, dy=dy, dx=np.zeros_like(x))["dx"]
+        assert_grad(dx, fd_grad(lambda: concat_y(parts, 100), x, dy))
+
+
+# ------------------------------------------------------------------ costs
+
+def soft_targets(rng, N, C):
+    t = np.zeros((N, C))
+    t[np.arange(N), rng.integers(0, C, N)] = 1
+    t[::2] = rng.dirichlet(np.ones(C), len(t[::2]))
+    return t
+
+
+def crossent_loss(p, targets, probs):
+    return run("crossent_fwd", p, targets=targets, probs=probs, loss=np.zeros(p["N"]),
+               correct=np.zeros(p["N"]))["loss"]
+
+
+@pytest.mark.parametrize("N,C", SOFTMAX_SHAPES)
+def test_crossent_bwd(rng, N, C):
+    p = dict(N=N, C=C, coeff=0.7, accumulate=False)
+    targets, probs = soft_targets(rng, N, C), rng.uniform(0.1, 1.0, (N, C))
+    np.testing.assert_allclose(crossent_loss(p, targets, probs), -(targets * np.log(probs)).sum(1), rtol=1e-13)
+    g = run("crossent_bwd", p, targets=targets, probs=probs, dprobs=np.zeros_like(probs))["dprobs"]
+    assert_grad(g, fd_grad(lambda: crossent_loss(p, targets, probs), probs, np.full(N, p["coeff"])))
+
+
+@pytest.mark.parametrize("N,C", SOFTMAX_SHAPES)
+def test_softmax_crossent_bwd(rng, N, C):
+    p = dict(N=N, C=C, coeff=1.3, accumulate=False)
+    targets, x = soft_targets(rng, N, C), rng.standard_normal((N, C))
+    targets[0] *= 1.5                       # not normalised: the gradient must still be exact
+    probs = softmax_y(p, x)
+    dx = run("softmax_crossent_bwd", p, targets=targets, probs=probs, dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(lambda: crossent_loss(p, targets, softmax_y(p, x)), x, np.full(N, p["coeff"])))
+    g = run("crossent_bwd", p, targets=targets, probs=probs, dprobs=np.zeros_like(x))["dprobs"]
+    chained = run("softmax_bwd", p, y=probs, dy=g, dx=np.zeros_like(x))["dx"]
+    np.testing.assert_allclose(dx, chained, rtol=1e-10, atol=1e-12)
+
+
+def test_crossent_fwd_correct_counts_ties_like_cuda_convnet2():
+    probs = np.array([[0.1, 0.5, 0.4], [0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.2, 0.3, 0.5]])
+    targets = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0]], dtype=float)
+    out = run("crossent_fwd", dict(N=4, C=3), targets=targets, probs=probs, loss=np.zeros(4), correct=np.zeros(4))
+    np.testing.assert_array_equal(out["correct"], [1.0, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(out["loss"], -np.log([0.5, 0.4, 0.2, 0.2]))
+
+
+def test_sum2(rng):
+    p = dict(N=3, D=7, coeff=0.35, accumulate=False)
+    x, coeff = rng.standard_normal((3, 7)), np.full(3, p["coeff"])
+    loss = lambda: run("sum2_fwd", p, x=x, loss=np.zeros(3))["loss"]
+    np.testing.assert_allclose(loss(), (x * x).sum(1), rtol=1e-14)
+    dx = run("sum2_bwd", p, x=x, dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(loss, x, coeff))
+    np.testing.assert_allclose(dx, 2 * p["coeff"] * x, rtol=1e-14)   # cuda-convnet2: -2*coeff*x (ascent)
+
+
+# ---------------------------------------------------- response normalisation
+
+# (N, C, H, W, size, blocked)
+CMRNORM_SHAPES = [(2, 7, 2, 3, 5, False), (1, 6, 2, 2, 4, False), (1, 5, 1, 2, 9, False),
+                  (2, 8, 2, 2, 3, True), (1, 7, 1, 3, 4, True), (1, 3, 2, 2, 1, False)]
+# (N, C, H, W, size)
+RNORM_SHAPES = [(1, 2, 5, 5, 3), (2, 1, 4, 6, 4), (1, 1, 6, 5, 5), (1, 2, 3, 3, 9), (1, 1, 4, 4, 1)]
+
+
+def cmrnorm_direct(p, x):
+    N, C, H, W = x.shape
+    a = p["scale"] / p["size"]
+    den = np.zeros_like(x)
+    for c in range(C):
+        den[:, c] = p["min_div"] + a * sum(x[:, j] ** 2 for j in window(c, p["size"], C, p["blocked"]))
+    return x * den ** -p["pow"], den
+
+
+def spatial_direct(p, v):
+    """Sum of v over each pixel's clipped size x size window, and the windows' pixel counts."""
+    N, C, H, W = v.shape
+    out, counts = np.zeros_like(v), np.zeros((H, W))
+    for h in range(H):
+        for w in range(W):
+            rows, cols = window(h, p["size"], H), window(w, p["size"], W)
+            out[:, :, h, w] = v[:, :, rows.start:rows.stop, cols.start:cols.stop].sum(axis=(2, 3))
+            counts[h, w] = len(rows) * len(cols)
+    return out, counts
+
+
+def norm_fwd(op, p, x):
+    return run(op, p, x=x, y=np.zeros_like(x), denoms=np.zeros_like(x))
+
+
+@pytest.mark.parametrize("shape", CMRNORM_SHAPES)
+def test_cmrnorm(rng, shape):
+    *dims, size, blocked = shape
+    p = norm_params(*dims, size, scale=1.7, pow=0.75, min_div=2.0, blocked=blocked)
+    x, dy = rng.standard_normal(dims), rng.standard_normal(dims)
+    out = norm_fwd("cmrnorm_fwd", p, x)
+    want_y, want_den = cmrnorm_direct(p, x)
+    np.testing.assert_allclose(out["y"], want_y, rtol=1e-13)
+    np.testing.assert_allclose(out["denoms"], want_den, rtol=1e-13)
+    dx = run("cmrnorm_bwd", p, x=x, dy=dy, denoms=out["denoms"], dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(lambda: norm_fwd("cmrnorm_fwd", p, x)["y"], x, dy))
+
+
+def test_cmrnorm_window_matches_cuda_convnet2():
+    # channel c's window starts at c - size/2 (C integer division): size 4 -> c-2 .. c+1
+    p = norm_params(1, 6, 1, 1, 4, scale=4.0, pow=1.0, min_div=1.0)
+    x = np.zeros((1, 6, 1, 1))
+    x[0, 5, 0, 0] = 1.0                          # only channel 5 is non-zero
+    den = norm_fwd("cmrnorm_fwd", p, x)["denoms"].ravel()
+    # addScale = scale/size = 1: windows of channels 4 (2..5) and 5 (3..5, clipped) hold channel 5
+    np.testing.assert_array_equal(den, [1, 1, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize("shape", RNORM_SHAPES)
+def test_rnorm(rng, shape):
+    *dims, size = shape
+    p = norm_params(*dims, size, scale=2.3, pow=0.6, min_div=1.5)
+    x, dy = rng.standard_normal(dims), rng.standard_normal(dims)
+    out = norm_fwd("rnorm_fwd", p, x)
+    den = p["min_div"] + p["scale"] / size ** 2 * spatial_direct(p, x * x)[0]
+    np.testing.assert_allclose(out["denoms"], den, rtol=1e-13)
+    np.testing.assert_allclose(out["y"], x * den ** -p["pow"], rtol=1e-13)
+    dx = run("rnorm_bwd", p, x=x, dy=dy, denoms=out["denoms"], dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(lambda: norm_fwd("rnorm_fwd", p, x)["y"], x, dy))
+
+
+def cnorm_y(p, x):
+    md = run("cnorm_meandiff", p, x=x, md=np.zeros_like(x))["md"]
+    return run("cnorm_fwd", p, x=x, md=md, y=np.zeros_like(x), denoms=np.zeros_like(x))
+
+
+def cnorm_dx(p, x, dy):
+    md = run("cnorm_meandiff", p, x=x, md=np.zeros_like(x))["md"]
+    den = run("cnorm_fwd", p, x=x, md=md, y=np.zeros_like(x), denoms=np.zeros_like(x))["denoms"]
+    t = run("cnorm_bwd_prep", p, x=x, dy=dy, denoms=den, md=md)["md"]
+    return run("cnorm_bwd", p, dy=dy, denoms=den, md=t, dx=np.zeros_like(x))["dx"]
+
+
+@pytest.mark.parametrize("shape", RNORM_SHAPES)
+def test_cnorm(rng, shape):
+    *dims, size = shape
+    p = norm_params(*dims, size, scale=3.1, pow=0.75, min_div=1.0)
+    x, dy = rng.standard_normal(dims), rng.standard_normal(dims)
+    sums, counts = spatial_direct(p, x)
+    md = x - sums / counts
+    den = p["min_div"] + p["scale"] / size ** 2 * spatial_direct(p, md * md)[0]
+    out = cnorm_y(p, x)
+    np.testing.assert_allclose(out["denoms"], den, rtol=1e-13)
+    np.testing.assert_allclose(out["y"], x * den ** -p["pow"], rtol=1e-13)   # x, not md, is scaled
+    assert_grad(cnorm_dx(p, x, dy), fd_grad(lambda: cnorm_y(p, x)["y"], x, dy))
+
+
+# ----------------------------------------------------------------- dropout
+
+def dropout_params(N, D, keep, **kw):
+    return dict(dict(N=N, D=D, keep=keep, layer_id=2, case_offset=0, variant="dropout", train=True), **kw)
+
+
+def dropout_run(p, x, seed=11, step=5):
+    return run("dropout_fwd", p, x=x, y=np.zeros_like(x), mask=np.zeros_like(x), seed=seed, step=step)
+
+
+def test_philox_known_answers():
+    from cnnc.backends.reference_ops import philox4x32_10
+    vectors = [((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+               ((0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+               ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+                (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))]
+    for ctr, key, want in vectors:
+        assert tuple(int(v) for v in philox4x32_10(*ctr, *key)) == want
+
+
+def test_dropout_mask_does_not_depend_on_the_batch_split(rng):
+    x = rng.standard_normal((8, 30))
+    whole = dropout_run(dropout_params(8, 30, 0.6), x)["mask"]
+    halves = [dropout_run(dropout_params(4, 30, 0.6, case_offset=o), x[o:o + 4])["mask"] for o in (0, 4)]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+    # ... but does depend on seed, step and layer
+    for change in (dict(seed=12), dict(step=6)):
+        assert not np.array_equal(whole, dropout_run(dropout_params(8, 30, 0.6), x, **change)["mask"])
+    assert not np.array_equal(whole, dropout_run(dropout_params(8, 30, 0.6, layer_id=3), x)["mask"])
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_dropout_keeps_the_right_fraction(keep):
+    x = np.ones((200, 100))
+    m = dropout_run(dropout_params(200, 100, keep), x)["mask"]
+    kept = (m != 0).mean()
+    assert abs(kept - keep) < 4 * np.sqrt(keep * (1 - keep) / x.size)
+    np.testing.assert_allclose(m[m != 0], 1 / keep)          # inverted dropout
+
+
+def test_dropout2_and_test_mode(rng):
+    x = rng.standard_normal((6, 10))
+    d1 = dropout_run(dropout_params(6, 10, 0.7), x)
+    d2 = dropout_run(dropout_params(6, 10, 0.7, variant="dropout2"), x)
+    np.testing.assert_array_equal(d1["mask"] != 0, d2["mask"] != 0)   # same draws
+    np.testing.assert_array_equal(d2["y"], x * (d2["mask"] != 0))     # dropout2 trains unscaled
+    np.testing.assert_allclose(d1["y"], x * (d1["mask"] != 0) / 0.7)
+    test1 = run("dropout_fwd", dropout_params(6, 10, 0.7, train=False), x=x, y=np.zeros_like(x),
+                mask=np.full_like(x, 9.0), seed=1, step=1)
+    np.testing.assert_array_equal(test1["y"], x)
+    np.testing.assert_array_equal(test1["mask"], 9.0)                  # untouched at test time
+    test2 = run("dropout_fwd", dropout_params(6, 10, 0.7, variant="dropout2", train=False), x=x,
+                y=np.zeros_like(x), mask=np.zeros_like(x), seed=1, step=1)
+    np.testing.assert_allclose(test2["y"], 0.7 * x)                    # dropout2 scales at test time
+
+
+@pytest.mark.parametrize("variant", ["dropout", "dropout2"])
+def test_dropout_bwd(rng, variant):
+    p = dropout_params(5, 9, 0.5, variant=variant)
+    x, dy = rng.standard_normal((5, 9)), rng.standard_normal((5, 9))
+    mask = dropout_run(p, x)["mask"]
+    dx = run("dropout_bwd", dict(n=45, accumulate=False), mask=mask, dy=dy, dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(lambda: dropout_run(p, x)["y"], x, dy))
+
+
+# ------------------------------------------------------ locally connected
+
+def local_inputs(rng, shape):
+    p = conv_params(*shape)
+    x = rng.standard_normal((p["N"], p["C"], p["H"], p["W"]))
+    w = rng.standard_normal((p["P"] * p["Q"], p["K"], p["C"], p["R"], p["S"]))
+    b = rng.standard_normal((p["K"], p["P"], p["Q"]))
+    dy = rng.standard_normal((p["N"], p["K"], p["P"], p["Q"]))
+    return p, x, w, b, dy
+
+
+def local_y(p, x, w, b):
+    return run("local_fwd", p, x=x, w=w, b=b, y=np.zeros((p["N"], p["K"], p["P"], p["Q"])))["y"]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_local_fwd_matches_direct_formula(rng, shape):
+    p, x, w, b, _ = local_inputs(rng, shape)
+    expect = np.zeros((p["N"], p["K"], p["P"], p["Q"])) + b[None]
+    for pp in range(p["P"]):
+        for qq in range(p["Q"]):
+            wpos = w[pp * p["Q"] + qq]
+            for r in range(p["R"]):
+                for s_ in range(p["S"]):
+                    h, v = pp * p["stride"] - p["pad"] + r, qq * p["stride"] - p["pad"] + s_
+                    if 0 <= h < p["H"] and 0 <= v < p["W"]:
+                        expect[:, :, pp, qq] += x[:, :, h, v] @ wpos[:, :, r, s_].T
+    np.testing.assert_allclose(local_y(p, x, w, b), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_local_with_tied_weights_is_a_convolution(rng):
+    p, x, w, b, _ = conv_inputs(rng, CONV_SHAPES[2])
+    tied = np.broadcast_to(w, (p["P"] * p["Q"],) + w.shape)
+    unshared_b = np.broadcast_to(b[:, None, None], (p["K"], p["P"], p["Q"]))
+    np.testing.assert_allclose(local_y(p, x, tied, unshared_b), conv_y(p, x, w, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_local_grads(rng, shape):
+    p, x, w, b, dy = local_inputs(rng, shape)
+    dx = run("local_bwd_data", p, w=w, dy=dy, dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(lambda: local_y(p, x, w, b), x, dy))
+    dw = run("local_bwd_filter", p, x=x, dy=dy, dw=np.zeros_like(w))["dw"]
+    assert_grad(dw, fd_grad(lambda: local_y(p, x, w, b), w, dy))
+    bp = dict(N=p["N"], K=p["K"], inner=p["P"] * p["Q"])
+    db = run("bias_grad_unshared", bp, dy=dy, db=np.zeros_like(b))["db"]
+    assert_grad(db, fd_grad(lambda: local_y(p, x, w, b), b, dy))
+
+
+# --------------------------------------------- grouped conv, unshared biases
+
+# (N, C, H, W, K, R, S, stride, pad, groups)
+GROUPED_SHAPES = [(2, 4, 5, 5, 6, 3, 3, 1, 1, 2), (1, 6, 6, 7, 3, 3, 3, 2, 1, 3), (2, 4, 4, 4, 8, 1, 1, 1, 0, 4)]
+
+
+def grouped_inputs(rng, shape, shared_biases=True):
+    *dims, groups = shape
+    p = dict(conv_params(*dims), groups=groups, shared_biases=shared_biases)
+    x = rng.standard_normal((p["N"], p["C"], p["H"], p["W"]))
+    w = rng.standard_normal((p["K"], p["C"] // groups, p["R"], p["S"]))
+    b = rng.standard_normal(p["K"] if shared_biases else (p["K"], p["P"], p["Q"]))
+    dy = rng.standard_normal((p["N"], p["K"], p["P"], p["Q"]))
+    return p, x, w, b, dy
+
+
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+def test_grouped_conv_is_one_conv_per_group(rng, shape):
+    p, x, w, b, dy = grouped_inputs(rng, shape)
+    G, Cg, Kg = p["groups"], p["C"] // p["groups"], p["K"] // p["groups"]
+    y = conv_y(p, x, w, b)
+    for g in range(G):
+        pg = dict(p, C=Cg, K=Kg, groups=1)
+        part = conv_y(pg, x[:, g * Cg:(g + 1) * Cg], w[g * Kg:(g + 1) * Kg], b[g * Kg:(g + 1) * Kg])
+        np.testing.assert_allclose(y[:, g * Kg:(g + 1) * Kg], part, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shape", GROUPED_SHAPES)
+def test_grouped_conv_grads(rng, shape, shared):
+    p, x, w, b, dy = grouped_inputs(rng, shape, shared)
+    dx = run("conv_bwd_data", p, w=w, dy=dy, dx=np.zeros_like(x))["dx"]
+    assert_grad(dx, fd_grad(lambda: conv_y(p, x, w, b), x, dy))
+    dw = run("conv_bwd_filter", p, x=x, dy=dy, dw=np.zeros_like(w))["dw"]
+    assert_grad(dw, fd_grad(lambda: conv_y(p, x, w, b), w, dy))
+    if shared:
+        db = run("bias_grad", dict(N=p["N"], K=p["K"], inner=p["P"] * p["Q"]), dy=dy, db=np.zeros_like(b))["db"]
+    else:
+        db = run("bias_grad_unshared", dict(N=p["N"], K=p["K"], inner=p["P"] * p["Q"]), dy=dy,
+                 db=np.zeros_like(b))["db"]
+    assert_grad(db, fd_grad(lambda: conv_y(p, x, w, b), b, dy))
+
+
+def test_absent_group_params_mean_a_plain_convolution(rng):
+    p, x, w, b, _ = conv_inputs(rng, CONV_SHAPES[0])
+    explicit = dict(p, groups=1, shared_biases=True)
+    np.testing.assert_array_equal(conv_y(p, x, w, b), conv_y(explicit, x, w, b))
+
+
+# --------------------------------------------------- accumulate test cases
+
+def _layer_accumulate_cases():
+    def elementwise(op, **arrays):
+        return lambda rng: (dict(n=12, coeff=0.6, index=1, neuron={"name": "square"}, accumulate=False),
+                            {k: (v(rng) if callable(v) else v) for k, v in arrays.items()})
+    normal = lambda rng: rng.standard_normal(12)
+
+    def norm_case(op, fwd):
+        def make(rng):
+            p = norm_params(1, 4, 3, 3, 3)
+            x = rng.standard_normal((1, 4, 3, 3))
+            den = norm_fwd(fwd, p, x)["denoms"]
+            return p, dict(x=x, dy=rng.standard_normal(x.shape), denoms=den, dx=np.zeros_like(x))
+        return make
+
+    def cnorm_case(rng):
+        p = norm_params(1, 2, 4, 4, 3)
+        x = rng.standard_normal((1, 2, 4, 4))
+        den = cnorm_y(p, x)["denoms"]
+        return p, dict(dy=rng.standard_normal(x.shape), denoms=den, md=rng.standard_normal(x.shape),
+                       dx=np.zeros_like(x))
+
+    def local_case(op):
+        def make(rng):
+            p, x, w, _, dy = local_inputs(rng, CONV_SHAPES[2])
+            if op == "local_bwd_data":
+                return p, dict(w=w, dy=dy, dx=np.zeros_like(x))
+            if op == "local_bwd_filter":
+                return p, dict(x=x, dy=dy, dw=np.zeros_like(w))
+            return dict(N=p["N"], K=p["K"], inner=p["P"] * p["Q"]), dict(dy=dy, db=np.zeros((p["K"], p["P"] * p["Q"])))
+        return make
+
+    def cost_case(op):
+        def make(rng):
+            p = dict(N=3, C=4, D=4, coeff=0.8, accumulate=False)
+            probs = softmax_y(p, rng.standard_normal((3, 4)))
+            if op == "sum2_bwd":
+                return p, dict(x=rng.standard_normal((3, 4)), dx=np.zeros((3, 4)))
+            out = "dprobs" if op == "crossent_bwd" else "dx"
+            return p, {"targets": soft_targets(rng, 3, 4), "probs": probs, out: np.zeros((3, 4))}
+        return make
+
+    def concat_case(rng):
+        return dict(N=3, D=4, D_out=9, offset=2), dict(dy=rng.standard_normal((3, 9)), dx=np.zeros((3, 4)))
+
+    return {
+        "neuron_bwd_input": elementwise("neuron_bwd_input", x=normal, dy=normal, dx=np.zeros(12)),
+        "eltsum_fwd": elementwise("eltsum_fwd", x=normal, y=np.zeros(12)),
+        "eltsum_bwd": elementwise("eltsum_bwd", dy=normal, dx=np.zeros(12)),
+        "eltmax_bwd": elementwise("eltmax_bwd", arg=lambda rng: rng.integers(0, 3, 12).astype(float), dy=normal,
+                                  dx=np.zeros(12)),
+        "dropout_bwd": elementwise("dropout_bwd", mask=lambda rng: rng.choice([0.0, 2.0], 12), dy=normal,
+                                   dx=np.zeros(12)),
+        "concat_bwd": concat_case,
+        "crossent_bwd": cost_case("crossent_bwd"),
+        "softmax_crossent_bwd": cost_case("softmax_crossent_bwd"),
+        "sum2_bwd": cost_case("sum2_bwd"),
+        "cmrnorm_bwd": norm_case("cmrnorm_bwd", "cmrnorm_fwd"),
+        "rnorm_bwd": norm_case("rnorm_bwd", "rnorm_fwd"),
+        "cnorm_bwd": cnorm_case,
+        "local_bwd_data": local_case("local_bwd_data"),
+        "local_bwd_filter": local_case("local_bwd_filter"),
+        "bias_grad_unshared": local_case("bias_grad_unshared"),
+    }
+
+
+LAYER_ACCUMULATE_CASES = _layer_accumulate_cases()

@@ -18,7 +18,7 @@ def default_backend() -> str:
 
 def make_backend(name: str, plan: Plan, build_dir: Path, gpus: Sequence[int]) -> Backend:
     """A ready backend for the plan; `gpus[i]` is the physical device of logical device i."""
-    logical = [d.logical for d in plan.devices]
+    logical = plan.devices
     missing = [l for l in logical if l >= len(gpus)]
     if missing:
         raise BackendError(f"the plan uses logical device {missing[0]} but --gpus lists only {len(gpus)} "

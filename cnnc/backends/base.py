@@ -39,6 +39,17 @@ class Backend(ABC):
     def launch(self, kernel: Kernel, device: int, args: Sequence[Any]) -> None:
         """Run a kernel; `args` are handles and floats in the op's argument order."""
 
+    @abstractmethod
+    def copy(self, src: Any, src_device: int, src_offset: int, dst: Any, dst_device: int, dst_offset: int,
+             count: int) -> None:
+        """Copy `count` elements between buffers, possibly on different devices (ordered on dst's device)."""
+
+    def record(self, event: str, device: int) -> None:
+        """Mark `event` on `device` after everything issued there so far (no-op for synchronous backends)."""
+
+    def wait(self, event: str, device: int) -> None:
+        """Make later work on `device` wait for `event` (no-op for synchronous backends)."""
+
     def synchronize(self) -> None:
         """Wait until every launched kernel has finished."""
 

@@ -41,14 +41,16 @@ class CudaBackend(Backend):
         self.physical = physical
         ordinal = next(iter(set(physical.values())))
         if len(set(physical.values())) > 1:
-            raise BackendError("this version of cnnc runs on one physical CUDA device at a time")
+            raise BackendError("the cuda backend runs all logical devices on one physical GPU for now; "
+                               "repeat its id, e.g. --gpus " + ",".join([str(ordinal)] * len(physical)))
         self.dev = drv.Device(ordinal)
         self.ctx = self.dev.make_context()
         major, minor = self.dev.compute_capability()
         self.modules = {}
         for logical in physical:
             self.modules[logical] = self._load_module(build_dir, logical, major * 10 + minor)
-        self.stream = drv.Stream()
+        self.streams = {logical: drv.Stream() for logical in physical}
+        self.events: dict[str, object] = {}
         self._functions: dict[tuple[int, str], object] = {}
 
     def _load_module(self, build_dir: Path, logical: int, cc: int):
@@ -67,9 +69,11 @@ class CudaBackend(Backend):
         return mem
 
     def upload(self, handle, array: np.ndarray) -> None:
+        self.synchronize()
         self.drv.memcpy_htod(handle, np.ascontiguousarray(array))
 
     def download(self, handle, buffer: Buffer) -> np.ndarray:
+        self.synchronize()
         out = np.empty(buffer.size, DTYPES[buffer.dtype])
         self.drv.memcpy_dtoh(out, handle)
         return out
@@ -80,10 +84,23 @@ class CudaBackend(Backend):
             self._functions[key] = self.modules[device].get_function(kernel.name)
         geo = kernel.launch["cuda"]
         cu_args = [np.float32(a) if isinstance(a, float) else a for a in args]
-        self._functions[key](*cu_args, grid=tuple(geo["grid"]), block=tuple(geo["block"]), stream=self.stream)
+        self._functions[key](*cu_args, grid=tuple(geo["grid"]), block=tuple(geo["block"]),
+                             stream=self.streams[device])
+
+    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count) -> None:
+        if count:
+            self.drv.memcpy_dtod_async(int(dst) + 4 * dst_offset, int(src) + 4 * src_offset, 4 * count,
+                                       self.streams[dst_device])
+
+    def record(self, event: str, device: int) -> None:
+        self.events[event] = self.drv.Event().record(self.streams[device])
+
+    def wait(self, event: str, device: int) -> None:
+        self.streams[device].wait_for_event(self.events[event])
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        for stream in self.streams.values():
+            stream.synchronize()
 
     def close(self) -> None:
         self.ctx.pop()

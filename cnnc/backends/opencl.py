@@ -79,6 +79,7 @@ class OpenCLBackend(Backend):
         self.device = _pick_device()
         self.ctx = cl.Context([self.device])
         self.queues = {d: cl.CommandQueue(self.ctx) for d in logical_devices}
+        self.events: dict[str, object] = {}
         self.programs = {}
         self._kernels: dict[tuple[int, str], object] = {}
         by_source: dict[str, object] = {}
@@ -118,8 +119,21 @@ class OpenCLBackend(Backend):
         launch = kernel.launch["opencl"]
         grid, block = launch["grid"], launch["block"]
         global_size = tuple(g * b for g, b in zip(grid, block))
-        cl_args = [a[0] if isinstance(a, tuple) else np.float32(a) for a in args]
+        # buffers are (cl.Buffer, device); numpy integers are int scalars (Role.INT_SCALAR)
+        cl_args = [a[0] if isinstance(a, tuple) else a if isinstance(a, np.integer) else np.float32(a)
+                   for a in args]
         self._kernel(device, kernel.name)(self.queues[device], global_size, tuple(block), *cl_args)
+
+    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count) -> None:
+        if count:
+            self.cl.enqueue_copy(self.queues[dst_device], dst[0], src[0], byte_count=4 * count,
+                                 src_offset=4 * src_offset, dst_offset=4 * dst_offset)
+
+    def record(self, event: str, device: int) -> None:
+        self.events[event] = self.cl.enqueue_marker(self.queues[device])
+
+    def wait(self, event: str, device: int) -> None:
+        self.cl.enqueue_barrier(self.queues[device], wait_for=[self.events[event]])
 
     def synchronize(self) -> None:
         for q in self.queues.values():

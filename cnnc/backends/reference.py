@@ -30,5 +30,8 @@ class ReferenceBackend(Backend):
     def launch(self, kernel: Kernel, device: int, args: Sequence) -> None:
         REFERENCE_OPS[kernel.op](kernel.params, *args)
 
+    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count) -> None:
+        dst[dst_offset:dst_offset + count] = src[src_offset:src_offset + count]
+
     def describe(self) -> str:
         return "reference (numpy on the host)"

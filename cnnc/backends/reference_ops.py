@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnc.neurons import Neuron
+from cnnc.ops import dropout_threshold
 
 
 # ----------------------------------------------------------------- helpers
@@ -89,9 +90,23 @@ def _unwindows(cols, H, W, first, stride):
 
 
 def _conv_shapes(p: dict):
-    """The x, w and y shapes of a convolution."""
-    return ((p["N"], p["C"], p["H"], p["W"]), (p["K"], p["C"], p["R"], p["S"]),
+    """The x, w and y shapes of a convolution (w holds C/groups channels per filter)."""
+    return ((p["N"], p["C"], p["H"], p["W"]), (p["K"], p["C"] // p.get("groups", 1), p["R"], p["S"]),
             (p["N"], p["K"], p["P"], p["Q"]))
+
+
+def _groups(p: dict):
+    """(channel slice, filter slice) of each group of a grouped convolution."""
+    G = p.get("groups", 1)
+    Cg, Kg = p["C"] // G, p["K"] // G
+    return [(slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)) for g in range(G)]
+
+
+def _conv_bias(p: dict, b):
+    """The biases broadcast against [N, K, P, Q]: b[k] shared, or b[k, p, q] unshared."""
+    if p.get("shared_biases", True):
+        return _in(b, (1, p["K"], 1, 1))
+    return _in(b, (1, p["K"], p["P"], p["Q"]))
 
 
 def _conv_cols(p: dict, x):
@@ -122,25 +137,38 @@ def _rows(labels, N: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------- ops
 
 def conv_fwd(p, x, w, b, y):
-    """y = neuron(b + conv(x, w)), reading zeros outside the image."""
-    _, ws, ys = _conv_shapes(p)
-    acc = np.tensordot(_conv_cols(p, x), _in(w, ws), axes=([1, 4, 5], [1, 2, 3]))
-    acc = acc.transpose(0, 3, 1, 2) + _in(b, (1, p["K"], 1, 1))
+    """y = neuron(b + conv(x, w)), reading zeros outside the image; each group of filters sees
+    only its own group of channels."""
+    xs, ws, ys = _conv_shapes(p)
+    x4, w4 = _in(x, xs), _in(w, ws)
+    parts = []
+    for cs, ks in _groups(p):
+        cols = _windows(x4[:, cs], -p["pad"], p["P"], p["Q"], p["R"], p["S"], p["stride"])
+        parts.append(np.tensordot(cols, w4[ks], axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2))
+    acc = np.concatenate(parts, axis=1) + _conv_bias(p, b)
     _store(_out(y, ys), _neuron_fwd(p, acc), p)
 
 
 def conv_bwd_data(p, w, dy, dx):
-    """dx (+)= the transpose convolution of dy with w."""
+    """dx (+)= the transpose convolution of dy with w, group by group."""
     xs, ws, ys = _conv_shapes(p)
-    cols = np.tensordot(_in(dy, ys), _in(w, ws), axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5)
-    _store(_out(dx, xs), _unwindows(cols, p["H"], p["W"], -p["pad"], p["stride"]), p)
+    dy4, w4 = _in(dy, ys), _in(w, ws)
+    parts = []
+    for _, ks in _groups(p):
+        cols = np.tensordot(dy4[:, ks], w4[ks], axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5)
+        parts.append(_unwindows(cols, p["H"], p["W"], -p["pad"], p["stride"]))
+    _store(_out(dx, xs), np.concatenate(parts, axis=1), p)
 
 
 def conv_bwd_filter(p, x, dy, dw):
-    """dw = sum over cases and positions of dy times the input window."""
-    _, ws, ys = _conv_shapes(p)
-    g = np.tensordot(_in(dy, ys), _conv_cols(p, x), axes=([0, 2, 3], [0, 2, 3]))
-    _store(_out(dw, ws), g, p)
+    """dw = sum over cases and positions of dy times the input window, group by group."""
+    xs, ws, ys = _conv_shapes(p)
+    x4, dy4 = _in(x, xs), _in(dy, ys)
+    parts = []
+    for cs, ks in _groups(p):
+        cols = _windows(x4[:, cs], -p["pad"], p["P"], p["Q"], p["R"], p["S"], p["stride"])
+        parts.append(np.tensordot(dy4[:, ks], cols, axes=([0, 2, 3], [0, 2, 3])))
+    _store(_out(dw, ws), np.concatenate(parts, axis=0), p)
 
 
 def bias_grad(p, dy, db):
@@ -245,12 +273,330 @@ def sgd_update(p, w, dw, inc, lr, momentum, weight_decay, inv_cases):
     wv += iv
 
 
+# ------------------------------------------------- standalone neurons
+
+def _neuron_grad_x(params: dict, x: np.ndarray) -> np.ndarray:
+    """Derivative of the layer's neuron written through its input x."""
+    n = Neuron.from_json(params.get("neuron"))
+    t = x.dtype.type
+    return n.kind.grad_x_np(x, t(n.a), t(n.b))
+
+
+def neuron_fwd(p, x, y):
+    """y = neuron(x)."""
+    _store(_out(y, (p["n"],)), _neuron_fwd(p, _in(x, (p["n"],))), p)
+
+
+def neuron_bwd_input(p, x, dy, dx):
+    """dx (+)= dy * neuron'(x)."""
+    xv = _in(x, (p["n"],))
+    _store(_out(dx, (p["n"],)), _in(dy, (p["n"],)) * _neuron_grad_x(p, xv), p)
+
+
+# ------------------------------------------ eltwise sum / max, concat
+
+def eltsum_fwd(p, x, y):
+    """y (+)= coeff * x."""
+    xv = _in(x, (p["n"],))
+    _store(_out(y, (p["n"],)), xv.dtype.type(p["coeff"]) * xv, p)
+
+
+def eltsum_bwd(p, dy, dx):
+    """dx (+)= coeff * dy."""
+    dyv = _in(dy, (p["n"],))
+    _store(_out(dx, (p["n"],)), dyv.dtype.type(p["coeff"]) * dyv, p)
+
+
+def eltmax_fwd(p, x, y, arg):
+    """First input: y = x, arg = index; later inputs replace y where strictly larger."""
+    n = p["n"]
+    xv, yv, av = _in(x, (n,)), _out(y, (n,)), _out(arg, (n,))
+    if p.get("first", False):
+        yv[...] = xv
+        av[...] = p["index"]
+    else:
+        bigger = xv > yv
+        yv[bigger] = xv[bigger]
+        av[bigger] = p["index"]
+
+
+def eltmax_bwd(p, arg, dy, dx):
+    """dx (+)= dy where this input held the maximum first, else 0."""
+    n = p["n"]
+    dyv = _in(dy, (n,))
+    _store(_out(dx, (n,)), np.where(_in(arg, (n,)) == p["index"], dyv, 0).astype(dyv.dtype), p)
+
+
+def concat_fwd(p, x, y):
+    """y[:, offset:offset+D] = x, y viewed as [N, D_out]."""
+    o = p["offset"]
+    _store(_out(y, (p["N"], p["D_out"]))[:, o:o + p["D"]], _in(x, (p["N"], p["D"])), p)
+
+
+def concat_bwd(p, dy, dx):
+    """dx (+)= dy[:, offset:offset+D]."""
+    o = p["offset"]
+    _store(_out(dx, (p["N"], p["D"])), _in(dy, (p["N"], p["D_out"]))[:, o:o + p["D"]], p)
+
+
+# ------------------------------------------------------------- costs
+
+def crossent_fwd(p, targets, probs, loss, correct):
+    """loss = -sum targets * log(probs); correct = 1/(number of maxima) if a maximal class has a
+    positive target."""
+    tv, pv = _in(targets, (p["N"], p["C"])), _in(probs, (p["N"], p["C"]))
+    safe = np.where(tv != 0, pv, 1)
+    _store(_out(loss, (p["N"],)), -(np.where(tv != 0, tv * np.log(safe), 0)).sum(axis=1), p)
+    is_max = pv == pv.max(axis=1, keepdims=True)
+    hit = (is_max & (tv > 0)).any(axis=1)
+    _store(_out(correct, (p["N"],)), np.where(hit, 1 / is_max.sum(axis=1), 0), p)
+
+
+def crossent_bwd(p, targets, probs, dprobs):
+    """dprobs (+)= -coeff * targets / probs."""
+    tv, pv = _in(targets, (p["N"], p["C"])), _in(probs, (p["N"], p["C"]))
+    _store(_out(dprobs, (p["N"], p["C"])), pv.dtype.type(-p["coeff"]) * tv / pv, p)
+
+
+def softmax_crossent_bwd(p, targets, probs, dx):
+    """dx (+)= coeff * (probs * sum(targets) - targets)."""
+    tv, pv = _in(targets, (p["N"], p["C"])), _in(probs, (p["N"], p["C"]))
+    g = pv * tv.sum(axis=1, keepdims=True) - tv
+    _store(_out(dx, (p["N"], p["C"])), pv.dtype.type(p["coeff"]) * g, p)
+
+
+def sum2_fwd(p, x, loss):
+    """loss[n] = sum of squares of case n's values."""
+    xv = _in(x, (p["N"], p["D"]))
+    _store(_out(loss, (p["N"],)), (xv * xv).sum(axis=1), p)
+
+
+def sum2_bwd(p, x, dx):
+    """dx (+)= 2 * coeff * x."""
+    xv = _in(x, (p["N"], p["D"]))
+    _store(_out(dx, (p["N"], p["D"])), xv.dtype.type(2 * p["coeff"]) * xv, p)
+
+
+# -------------------------------------------- response normalisation
+
+def _norm_window(n: int, size: int, blocked: bool = False) -> np.ndarray:
+    """0/1 matrix M[o, i] = 1 when position i lies in output o's window along an axis of n.
+
+    The window of o starts at o - size//2 (cuda-convnet2's -size/2 + o), or at the start of
+    o's block of `size` when blocked, and holds `size` positions clipped to 0 .. n-1.
+    """
+    m = np.zeros((n, n))
+    for o in range(n):
+        lo = (o // size) * size if blocked else o - size // 2
+        m[o, max(lo, 0):min(lo + size, n)] = 1
+    return m
+
+
+def _img(p: dict) -> tuple[int, int, int, int]:
+    return p["N"], p["C"], p["H"], p["W"]
+
+
+def _cross_map_sum(p, v, transpose=False):
+    """Sum of v [N,C,H,W] over each channel's window (or, transposed, over the channels whose
+    window holds it)."""
+    m = _norm_window(p["C"], p["size"], p.get("blocked", False)).astype(v.dtype)
+    return np.einsum("ic,nihw->nchw" if transpose else "ci,nihw->nchw", m, v)
+
+
+def _spatial_sum(p, v, transpose=False):
+    """Sum of v [N,C,H,W] over each pixel's size x size window (or its transpose)."""
+    mh = _norm_window(p["H"], p["size"]).astype(v.dtype)
+    mw = _norm_window(p["W"], p["size"]).astype(v.dtype)
+    if transpose:
+        mh, mw = mh.T, mw.T
+    return np.einsum("hi,ncij,wj->nchw", mh, v, mw)
+
+
+def _spatial_counts(p, dtype) -> np.ndarray:
+    """Pixels in each clipped window, as [H, W]."""
+    return np.outer(_norm_window(p["H"], p["size"]).sum(1), _norm_window(p["W"], p["size"]).sum(1)).astype(dtype)
+
+
+def _add_scale(p: dict, cross_map: bool) -> float:
+    """cuda-convnet2 divides the layer's scale by size (cross-map) or size^2 (same-map)."""
+    return p["scale"] / (p["size"] if cross_map else p["size"] ** 2)
+
+
+def _normalise(p, x4, window_sum_of_squares, cross_map, y, denoms):
+    t = x4.dtype.type
+    den = t(p.get("min_div", 1.0)) + t(_add_scale(p, cross_map)) * window_sum_of_squares
+    _store(_out(denoms, x4.shape), den, {})
+    _store(_out(y, x4.shape), x4 * den ** t(-p["pow"]), {})
+
+
+def _norm_grad(p, x4, dy4, den, cross_map):
+    """dy * den^-pow and the window sum of dy * x * den^(-pow-1) taken transposed."""
+    t = x4.dtype.type
+    b = dy4 * x4 * den ** t(-p["pow"] - 1)
+    s = _cross_map_sum(p, b, True) if cross_map else _spatial_sum(p, b, True)
+    return dy4 * den ** t(-p["pow"]), t(-2 * p["pow"] * _add_scale(p, cross_map)) * s
+
+
+def cmrnorm_fwd(p, x, y, denoms):
+    """Cross-map response normalisation."""
+    x4 = _in(x, _img(p))
+    _normalise(p, x4, _cross_map_sum(p, x4 * x4), True, y, denoms)
+
+
+def cmrnorm_bwd(p, x, dy, denoms, dx):
+    """Exact gradient of cmrnorm_fwd."""
+    x4 = _in(x, _img(p))
+    direct, s = _norm_grad(p, x4, _in(dy, _img(p)), _in(denoms, _img(p)), True)
+    _store(_out(dx, _img(p)), direct + x4 * s, p)
+
+
+def rnorm_fwd(p, x, y, denoms):
+    """Same-map response normalisation over size x size windows."""
+    x4 = _in(x, _img(p))
+    _normalise(p, x4, _spatial_sum(p, x4 * x4), False, y, denoms)
+
+
+def rnorm_bwd(p, x, dy, denoms, dx):
+    """Exact gradient of rnorm_fwd."""
+    x4 = _in(x, _img(p))
+    direct, s = _norm_grad(p, x4, _in(dy, _img(p)), _in(denoms, _img(p)), False)
+    _store(_out(dx, _img(p)), direct + x4 * s, p)
+
+
+def cnorm_meandiff(p, x, md):
+    """md = x - the mean of x over each pixel's clipped window."""
+    x4 = _in(x, _img(p))
+    _store(_out(md, _img(p)), x4 - _spatial_sum(p, x4) / _spatial_counts(p, x4.dtype), {})
+
+
+def cnorm_fwd(p, x, md, y, denoms):
+    """Contrast normalisation: x scaled by the local variance of md."""
+    x4, md4 = _in(x, _img(p)), _in(md, _img(p))
+    _normalise(p, x4, _spatial_sum(p, md4 * md4), False, y, denoms)
+
+
+def cnorm_bwd_prep(p, x, dy, denoms, md):
+    """md = -2*pow*scale/size^2 * md * (transposed window sum of dy * x * denoms^(-pow-1))."""
+    x4 = _in(x, _img(p))
+    mdv = _out(md, _img(p))
+    _, s = _norm_grad(p, x4, _in(dy, _img(p)), _in(denoms, _img(p)), False)
+    mdv[...] = mdv * s
+
+
+def cnorm_bwd(p, dy, denoms, md, dx):
+    """dx (+)= dy * denoms^-pow + t - transposed window sum of t / window size."""
+    dy4, t4 = _in(dy, _img(p)), _in(md, _img(p))
+    direct = dy4 * _in(denoms, _img(p)) ** dy4.dtype.type(-p["pow"])
+    spread = _spatial_sum(p, t4 / _spatial_counts(p, t4.dtype), True)
+    _store(_out(dx, _img(p)), direct + t4 - spread, p)
+
+
+# ------------------------------------------------------------ dropout
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 (Salmon et al., SC'11), vectorised over arrays of counters.
+
+    Counters and keys are 32-bit unsigned values (any integer arrays that broadcast);
+    returns the four 32-bit output words as uint32 arrays.  The same generator is in
+    runtime/cnnc_rng_{cuda,opencl}.h.
+    """
+    c = [np.asarray(v, dtype=np.uint64) & _U32 for v in np.broadcast_arrays(c0, c1, c2, c3)]
+    k = [np.uint64(int(k0) & 0xFFFFFFFF), np.uint64(int(k1) & 0xFFFFFFFF)]
+    m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
+    for r in range(10):
+        if r:
+            k = [(k[0] + np.uint64(PHILOX_W[0])) & _U32, (k[1] + np.uint64(PHILOX_W[1])) & _U32]
+        p0, p1 = m0 * c[0], m1 * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k[0], p1 & _U32, (p0 >> np.uint64(32)) ^ c[3] ^ k[1], p0 & _U32]
+    return tuple(v.astype(np.uint32) for v in c)
+
+
+def dropout_keep_mask(p: dict, seed: int, step: int) -> np.ndarray:
+    """[N, D] booleans: which values dropout keeps, keyed by (seed, step, layer, global case,
+    feature) so a case's mask is the same whichever replica holds it."""
+    n = np.arange(p["N"], dtype=np.uint64)[:, None] + np.uint64(p.get("case_offset", 0))
+    i = np.arange(p["D"], dtype=np.uint64)[None, :]
+    word = philox4x32_10(n, i, int(step) & 0xFFFFFFFF, 0, seed, p.get("layer_id", 0))[0]
+    return (word >> np.uint32(8)) < np.uint32(dropout_threshold(p["keep"]))
+
+
+def dropout_fwd(p, x, y, mask, seed, step):
+    """Inverted dropout (or dropout2) in training; the matching identity/scaling at test time."""
+    xv = _in(x, (p["N"], p["D"]))
+    t = xv.dtype.type
+    variant = p.get("variant", "dropout")
+    if not p.get("train", True):
+        _store(_out(y, xv.shape), xv if variant == "dropout" else t(p["keep"]) * xv, {})
+        return
+    kept = t(1 / p["keep"]) if variant == "dropout" else t(1)
+    m = np.where(dropout_keep_mask(p, seed, step), kept, t(0))
+    _store(_out(mask, xv.shape), m, {})
+    _store(_out(y, xv.shape), xv * m, {})
+
+
+def dropout_bwd(p, mask, dy, dx):
+    """dx (+)= dy * mask."""
+    _store(_out(dx, (p["n"],)), _in(dy, (p["n"],)) * _in(mask, (p["n"],)), p)
+
+
+# ------------------------------------------------- locally connected
+
+def _local_w(p: dict, w):
+    """Local weights as [P, Q, K, C, R, S]."""
+    return _in(w, (p["P"], p["Q"], p["K"], p["C"], p["R"], p["S"]))
+
+
+def local_fwd(p, x, w, b, y):
+    """y = neuron(b + a convolution whose filters differ at every output position)."""
+    acc = np.einsum("ncpqrs,pqkcrs->nkpq", _conv_cols(p, x), _local_w(p, w))
+    acc = acc + _in(b, (1, p["K"], p["P"], p["Q"]))
+    _store(_out(y, (p["N"], p["K"], p["P"], p["Q"])), _neuron_fwd(p, acc), p)
+
+
+def local_bwd_data(p, w, dy, dx):
+    """dx (+)= each position's filters applied transposed to dy, summed back onto the image."""
+    dy4 = _in(dy, (p["N"], p["K"], p["P"], p["Q"]))
+    cols = np.einsum("nkpq,pqkcrs->ncpqrs", dy4, _local_w(p, w))
+    _store(_out(dx, (p["N"], p["C"], p["H"], p["W"])),
+           _unwindows(cols, p["H"], p["W"], -p["pad"], p["stride"]), p)
+
+
+def local_bwd_filter(p, x, dy, dw):
+    """dw[pos] = sum over cases of dy at pos times the input window at pos."""
+    dy4 = _in(dy, (p["N"], p["K"], p["P"], p["Q"]))
+    g = np.einsum("nkpq,ncpqrs->pqkcrs", dy4, _conv_cols(p, x))
+    _store(_out(dw, (p["P"], p["Q"], p["K"], p["C"], p["R"], p["S"])), g, p)
+
+
+def bias_grad_unshared(p, dy, db):
+    """db[k, i] = sum over cases of dy viewed as [N, K, inner]."""
+    _store(_out(db, (p["K"], p["inner"])), _in(dy, (p["N"], p["K"], p["inner"])).sum(axis=0), p)
+
+
+def replica_sum(p, stage, g):
+    """g[offset:offset+n] = the R chunks of stage added in replica order."""
+    rows = _in(stage, (p["R"], p["n"]))
+    total = rows[0].copy()
+    for r in range(1, p["R"]):
+        total = total + rows[r]
+    g[p["offset"]:p["offset"] + p["n"]] = total
+
+
 REFERENCE_OPS: dict[str, Callable] = {
     f.__name__: f
     for f in [
         conv_fwd, conv_bwd_data, conv_bwd_filter, bias_grad,
         fc_fwd, fc_bwd_data, fc_bwd_filter, neuron_bwd,
         pool_fwd, pool_bwd, softmax_fwd, softmax_bwd,
-        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update,
+        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum,
+        neuron_fwd, neuron_bwd_input, eltsum_fwd, eltsum_bwd, eltmax_fwd, eltmax_bwd,
+        concat_fwd, concat_bwd, crossent_fwd, crossent_bwd, softmax_crossent_bwd, sum2_fwd, sum2_bwd,
+        cmrnorm_fwd, cmrnorm_bwd, rnorm_fwd, rnorm_bwd, cnorm_meandiff, cnorm_fwd, cnorm_bwd_prep, cnorm_bwd,
+        dropout_fwd, dropout_bwd, local_fwd, local_bwd_data, local_bwd_filter, bias_grad_unshared,
     ]
 }

@@ -15,7 +15,7 @@ import jinja2
 
 from cnnc.codegen.dialect import Dialect
 from cnnc.neurons import Neuron
-from cnnc.ops import OPS, Role
+from cnnc.ops import OPS, Role, dropout_threshold
 from cnnc.plan.schedule import Kernel
 from cnnc.resources import resource_dir
 
@@ -24,10 +24,22 @@ FAMILY = {
     "fc_fwd": "fc", "fc_bwd_data": "fc", "fc_bwd_filter": "fc",
     "pool_fwd": "pool", "pool_bwd": "pool",
     "bias_grad": "reduce",
-    "neuron_bwd": "elementwise", "sgd_update": "elementwise",
+    "neuron_bwd": "elementwise", "sgd_update": "elementwise", "replica_sum": "elementwise",
     "softmax_fwd": "softmax", "softmax_bwd": "softmax", "logreg_fwd": "softmax", "logreg_bwd": "softmax",
     "softmax_logreg_bwd": "softmax",
+    "neuron_fwd": "eltwise", "neuron_bwd_input": "eltwise",
+    "eltsum_fwd": "eltwise", "eltsum_bwd": "eltwise", "eltmax_fwd": "eltwise", "eltmax_bwd": "eltwise",
+    "concat_fwd": "eltwise", "concat_bwd": "eltwise", "dropout_fwd": "eltwise", "dropout_bwd": "eltwise",
+    "bias_grad_unshared": "eltwise",
+    "crossent_fwd": "cost", "crossent_bwd": "cost", "softmax_crossent_bwd": "cost",
+    "sum2_fwd": "cost", "sum2_bwd": "cost",
+    "cmrnorm_fwd": "norm", "cmrnorm_bwd": "norm", "rnorm_fwd": "norm", "rnorm_bwd": "norm",
+    "cnorm_meandiff": "norm", "cnorm_fwd": "norm", "cnorm_bwd_prep": "norm", "cnorm_bwd": "norm",
+    "local_fwd": "local", "local_bwd_filter": "local", "local_bwd_data": "local_data",
 }
+
+# families whose kernels are tiled GEMMs (templates extending gemm.j2)
+GEMM_FAMILIES = ("conv", "fc", "local")
 
 _MATH = re.compile(r"\b(exp|log|tanh|fmax|fmin|fabs|sqrt|fma)\(")
 
@@ -89,13 +101,32 @@ def choose_tiles(M: int, N: int, K: int, d: Dialect) -> Tiles:
 
 
 def gemm_shape(op: str, p: dict) -> dict:
-    """GEMM dimensions and which index is contiguous in memory for each operand."""
+    """GEMM dimensions and which index is contiguous in memory for each operand.
+
+    ``batch`` (when present) is a number of independent GEMMs of that shape, one per
+    grid z index: the groups of a grouped convolution, the positions of a local layer.
+    """
+    G = p.get("groups", 1) if op.startswith("conv") else 1
+    if G > 1:
+        Cg, Kg = p["C"] // G, p["K"] // G
+        if op == "conv_fwd":
+            return dict(M=Kg, N=p["N"] * p["P"] * p["Q"], K=Cg * p["R"] * p["S"], a_fast="k", b_fast="n", batch=G)
+        if op == "conv_bwd_data":
+            return dict(M=Cg, N=p["N"] * p["H"] * p["W"], K=Kg * p["R"] * p["S"], a_fast="k", b_fast="n", batch=G)
+        if op == "conv_bwd_filter":
+            return dict(M=Kg, N=Cg * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k", batch=G)
     if op == "conv_fwd":
         return dict(M=p["K"], N=p["N"] * p["P"] * p["Q"], K=p["C"] * p["R"] * p["S"], a_fast="k", b_fast="n")
     if op == "conv_bwd_data":
         return dict(M=p["C"], N=p["N"] * p["H"] * p["W"], K=p["K"] * p["R"] * p["S"], a_fast="k", b_fast="n")
     if op == "conv_bwd_filter":
         return dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k")
+    if op == "local_fwd":          # one GEMM per output position (grid z)
+        return dict(M=p["K"], N=p["N"], K=p["C"] * p["R"] * p["S"], a_fast="k", b_fast="k",
+                    batch=p["P"] * p["Q"])
+    if op == "local_bwd_filter":
+        return dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"], a_fast="m", b_fast="n",
+                    batch=p["P"] * p["Q"])
     if op == "fc_fwd":
         return dict(M=p["N"], N=p["O"], K=p["I"], a_fast="k", b_fast="n")
     if op == "fc_bwd_data":
@@ -111,18 +142,25 @@ def _elements(op: str, p: dict) -> int:
         return p["N"] * p["C"] * p["P"] * p["Q"]
     if op == "pool_bwd":
         return p["N"] * p["C"] * p["H"] * p["W"]
-    if op in ("neuron_bwd", "sgd_update"):
+    if op in ("neuron_bwd", "sgd_update", "replica_sum", "neuron_fwd", "neuron_bwd_input",
+              "eltsum_fwd", "eltsum_bwd", "eltmax_fwd", "eltmax_bwd", "dropout_bwd"):
         return p["n"]
+    if op in ("concat_fwd", "concat_bwd", "dropout_fwd", "sum2_bwd"):
+        return p["N"] * p["D"]
+    if op == "bias_grad_unshared":
+        return p["K"] * p["inner"]
+    if FAMILY.get(op) in ("norm", "local_data"):
+        return p["N"] * p["C"] * p["H"] * p["W"]
     return p["N"]                          # softmax / cost: one thread per case
 
 
 def geometry(k: Kernel, d: Dialect) -> tuple[dict, object]:
     """(launch = {"grid": [...], "block": [...]}, tiles-or-threads object for the template)."""
     family = FAMILY[k.op]
-    if family in ("conv", "fc"):
+    if family in GEMM_FAMILIES:
         g = gemm_shape(k.op, k.params)
         t = choose_tiles(g["M"], g["N"], g["K"], d)
-        grid = [-(-g["N"] // t.BN), -(-g["M"] // t.BM), 1]
+        grid = [-(-g["N"] // t.BN), -(-g["M"] // t.BM), g.get("batch", 1)]
         return {"grid": grid, "block": [t.threads, 1, 1]}, t
     if family == "reduce":
         n = d.reduce_threads
@@ -143,6 +181,8 @@ def signature(op: str, d: Dialect) -> str:
     for name, role in OPS[op].args:
         if role is Role.SCALAR:
             parts.append(f"const float {name}")
+        elif role is Role.INT_SCALAR:
+            parts.append(f"const int {name}")
         elif name == "labels":
             parts.append(f"{d.int_ptr()}{name}")
         else:
@@ -154,10 +194,13 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
     """The source of one kernel in one dialect, and its launch geometry."""
     launch, t = geometry(k, d)
     notes = []
-    if FAMILY[k.op] in ("conv", "fc"):
+    if FAMILY[k.op] in GEMM_FAMILIES:
         g = gemm_shape(k.op, k.params)
         notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
                      f"{t.TM}x{t.TN} per thread, {t.threads} threads")
+        if "batch" in g:
+            what = "group" if k.op.startswith("conv") else "output position"
+            notes.append(f"{g['batch']} independent GEMMs, one per {what} (grid z)")
     else:
         g = {}
     neuron = Neuron.from_json(k.params.get("neuron"))
@@ -166,6 +209,10 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         file=file, source_line=source_line, lit=lit,
         neuron_fwd=lambda var: neuron_expr(neuron, neuron.kind.forward_c, var, "x"),
         neuron_grad=lambda var: neuron_expr(neuron, neuron.kind.grad_c, var, "y"),
+        neuron_grad_x=lambda var: neuron_expr(neuron, neuron.kind.grad_x_c, var, "x"),
+        pow_fn="powf" if d.name == "cuda" else "pow",
+        runtime_text=lambda name: (resource_dir("runtime") / name).read_text(),
+        threshold=dropout_threshold(k.params["keep"]) if "keep" in k.params else None,
     )
     text = _env().get_template(f"{FAMILY[k.op]}.j2").render(**ctx)
     if d.name == "cuda":

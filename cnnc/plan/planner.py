@@ -1,47 +1,141 @@
 """Plan stage: checked Network → :class:`~cnnc.plan.schedule.Plan`.
 
-For each layer the planner chooses the kernels (one op each, see
-:mod:`cnnc.ops`), names the buffers they read and write, and orders the
-launches into forward, backward and update phases per logical device.
+Parallelism follows cuda-convnet2 (DESIGN §3):
 
-Backward sums gradient contributions deterministically: the first consumer
-of a layer's output (in reverse topological order) writes the gradient, the
-later ones add into it.  A softmax feeding only a logreg cost is
-differentiated together with it (probs - onehot), which is exact and stable.
+* A layer placed on R devices has R replicas.  The minibatch is cut into
+  S = max(R) equal *shares*; replica j of a layer with R replicas handles
+  shares j*P .. j*P+P-1, one per *pass*, where P = S / R.
+* Layers with the most replicas ("high") run once per minibatch; layers
+  with fewer ("low", R = S/P) run P passes, one share each (the
+  round-robin exchange, cuda-convnet2's scheme).  With P = 1 every layer is
+  low and there is one pass.
+* Inputs that live on another device are copied in (a *mirror*); gradient
+  contributions computed on another device are copied back and summed on
+  the producer's device, in a fixed order.
+* Replicated weights sum their gradients with a sharded reduce-scatter and
+  all-gather (each replica owns 1/R of the parameter), so every replica
+  applies the same update; `update_period` passes are accumulated per update.
+
+The planner first builds one global order of ops (each tagged with its
+device), then splits it into per-device programs, inserting record/wait
+events wherever an op depends on another device's earlier op.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
+
 from cnnc.check.kinds import KINDS
+from cnnc.plan import lowering
 from cnnc.diagnostics import CompileError, Diagnostic
-from cnnc.ir import Layer, Network
-from cnnc.plan.schedule import Buffer, DeviceProgram, Kernel, Launch, Parameter, Plan
+from cnnc.ir import Input, Layer, Network
+from cnnc.plan.schedule import Buffer, Kernel, LayerPlacement, Op, Parameter, Plan
 
 
-class _Builder:
+@dataclass
+class _Step:
+    """One op of the global order."""
+
+    device: int
+    op: Op
+    writes: tuple[str, ...]
+
+
+class _Planner:
     def __init__(self, net: Network):
         self.net = net
         self.buffers: dict[str, Buffer] = {}
         self.kernels: dict[str, Kernel] = {}
         self.params: list[Parameter] = []
-        self.device = self.single_device()
-        self.program = DeviceProgram(self.device)
-        self.grad_writes: dict[str, int] = {}
+        self.steps: list[_Step] = []
+        self.grad_writes: dict[tuple[str, int], int] = defaultdict(int)
+        self.mirrors: set[tuple[str, int]] = set()
+        self.phase = "forward"
+        self.pass_ = 0
+        self.analyse_replicas()
 
-    def single_device(self) -> int:
-        devices = {l.gpus for l in self.net.layers}
-        if len(devices) > 1 or any(len(g) > 1 for g in devices):
-            layer = next(l for l in self.net.layers if l.gpus != self.net.layers[0].gpus or len(l.gpus) > 1)
-            raise CompileError(Diagnostic(
-                f"{layer.name} is placed on @gpu{layer.gpus}, but this version of cnnc plans networks that run "
-                f"on a single device", self.net.file, layer.span,
-                "place every layer on the same single device, e.g. @gpu(0)"), self.net.source)
-        return next(iter(devices))[0]
+    # -- replicas, shares, passes ---------------------------------------------
+    def fail(self, layer: Layer, message: str, hint: str | None = None):
+        raise CompileError(Diagnostic(message, self.net.file, layer.span, hint), self.net.source)
 
-    # -- buffers and kernels ------------------------------------------------
-    def buffer(self, id: str, size: int, role: str, layer: str, dtype: str = "f32") -> str:
-        if id not in self.buffers:
-            self.buffers[id] = Buffer(id, self.device, size, dtype, role, layer)
+    def analyse_replicas(self) -> None:
+        net = self.net
+        layers = {l.name: l for l in net.layers}
+        for l in net.layers:
+            ins = [layers[i] for i in l.inputs if i in layers]
+            counts = {len(i.gpus) for i in ins}
+            if len(counts) > 1:
+                self.fail(l, f"the inputs of {l.name} have different replica counts ("
+                          + ", ".join(f"{i.name}: {len(i.gpus)}" for i in ins) + ")",
+                          "give the inputs of a layer the same number of devices")
+            for i in ins:
+                if len(i.gpus) % len(l.gpus):
+                    self.fail(l, f"{l.name} has {len(l.gpus)} replicas but its input {i.name} has {len(i.gpus)}: "
+                              f"a layer's replica count must divide its inputs'")
+            consumers = net.consumers(l.name)
+            counts = {len(c.gpus) for c in consumers}
+            if len(counts) > 1:
+                self.fail(l, f"the consumers of {l.name} have different replica counts ("
+                          + ", ".join(f"{c.name}: {len(c.gpus)}" for c in consumers) + ")")
+        counts = sorted({len(l.gpus) for l in net.layers})
+        self.S = counts[-1]
+        if len(counts) > 2:
+            l = next(l for l in net.layers if len(l.gpus) not in (counts[0], counts[-1]))
+            self.fail(l, f"{l.name} has {len(l.gpus)} replicas; cnnc plans two levels of replication per "
+                      f"network (here {counts[-1]} and {counts[0]})",
+                      f"use {counts[-1]} or {counts[0]} devices for {l.name}")
+        self.P = counts[-1] // counts[0]
+        if net.batch % self.S:
+            self.fail(net.layers[0], f"the batch of {net.batch} cases cannot be split into {self.S} equal shares",
+                      f"make the batch a multiple of {self.S}")
+        self.b = net.batch // self.S
+        self.high = {l.name for l in net.layers if self.P > 1 and len(l.gpus) == self.S}
+        self.multi_device = len({d for l in net.layers for d in l.gpus}) > 1
+        for l in net.layers:
+            period = l.train.update_period if l.train else 0
+            if period and self.passes(l) % period:
+                self.fail(l, f"update_period = {period} does not divide the {self.passes(l)} pass(es) "
+                          f"{l.name} runs per minibatch")
+
+    def passes(self, l: Layer) -> int:
+        return 1 if l.name in self.high else self.P
+
+    def period(self, l: Layer) -> int:
+        return (l.train.update_period if l.train and l.train.update_period else self.passes(l))
+
+    def share(self, l: Layer, j: int, p: int) -> int:
+        return j * self.passes(l) + p
+
+    def holder(self, l: Layer, s: int) -> tuple[int, int]:
+        """(replica, device) of layer l that processes share s."""
+        j = s // self.passes(l)
+        return j, l.gpus[j]
+
+    # -- buffers ---------------------------------------------------------------
+    def buffer(self, id: str, device: int, size: int, role: str, layer: str, dtype: str = "f32") -> str:
+        old = self.buffers.get(id)
+        if old is None:
+            self.buffers[id] = Buffer(id, device, size, dtype, role, layer)
+        else:
+            assert old.device == device and old.size == size, f"buffer clash: {id}"
         return id
+
+    def own(self, l: Layer, what: str, j: int) -> str:
+        return f"{l.name}.{what}" if len(l.gpus) == 1 else f"{l.name}.{what}.r{j}"
+
+    def tag(self, s: int | None, d: int | None) -> str:
+        return (f".s{s}" if s is not None and self.S > 1 else "") + \
+               (f"@{d}" if d is not None and self.multi_device else "")
+
+    def out(self, l: Layer, j: int) -> str:
+        return self.buffer(self.own(l, "out", j), l.gpus[j], self.b * l.shape.size, "activation", l.name)
+
+    def grad(self, l: Layer, j: int) -> str:
+        return self.buffer(self.own(l, "grad", j), l.gpus[j], self.b * l.shape.size, "gradient", l.name)
+
+    # -- emitting ops ----------------------------------------------------------
+    def emit(self, device: int, op: Op, writes: tuple[str, ...]) -> None:
+        self.steps.append(_Step(device, op, writes))
 
     def kernel(self, name: str, op: str, params: dict, layer: Layer | None, summary: str) -> str:
         line = layer.span.line if layer is not None and layer.span else 0
@@ -50,225 +144,320 @@ class _Builder:
         assert old.params == params, f"kernel name clash: {name}"
         return name
 
-    def out(self, name: str) -> str:
-        return f"{name}.out"
+    def launch(self, device: int, kernel: str, args: tuple[str, ...], writes: tuple[str, ...], **scalars) -> None:
+        self.emit(device, Op("launch", kernel=kernel, args=args, scalars=scalars, phase=self.phase,
+                             pass_=self.pass_), writes)
 
-    def grad(self, name: str) -> str:
+    def copy(self, src: str, dst: str, count: int, src_offset: int = 0, dst_offset: int = 0) -> None:
+        device = self.buffers[dst].device
+        self.emit(device, Op("copy", stream="copy", src=src, dst=dst, count=count, src_offset=src_offset,
+                             dst_offset=dst_offset, phase=self.phase, pass_=self.pass_), (dst,))
+
+    # -- activations: where share s of a node is readable on device d ------------
+    def activation(self, name: str, s: int, d: int) -> str:
         node = self.net.node(name)
-        return self.buffer(f"{name}.grad", self.net.batch * node.shape.size, "gradient", name)
+        size = self.b * node.shape.size
+        if isinstance(node, Input):
+            dtype, role = ("i32", "labels") if node.kind == "labels" else ("f32", "input")
+            buf = self.buffer(f"{name}.out{self.tag(s, d)}", d, size, role, name, dtype)
+            if (buf, -1) not in self.mirrors:          # one buffer per share: uploaded once per minibatch
+                self.mirrors.add((buf, -1))
+                self.emit(d, Op("upload", stream="copy", input=name, share=s, dst=buf, phase=self.phase,
+                                pass_=self.pass_), (buf,))
+            return buf
+        j, home = self.holder(node, s)
+        src = self.out(node, j)
+        if home == d:
+            return src
+        high = name in self.high or self.P == 1
+        mirror = self.buffer(f"{name}.out{'.s%d' % s if high and self.S > 1 else ''}@{d}", d, size, "mirror",
+                             name)
+        key = (mirror, -1 if high else self.pass_)
+        if key not in self.mirrors:
+            self.mirrors.add(key)
+            self.copy(src, mirror, size)
+        return mirror
 
-    def add_grad(self, name: str) -> bool:
-        """Register one more gradient contribution to `name`; True if it must accumulate."""
-        n = self.grad_writes.get(name, 0)
-        self.grad_writes[name] = n + 1
-        return n > 0
+    def contribution(self, name: str, s: int, d: int):
+        """Where a consumer on device d writes its gradient for share s of `name`.
 
-    def parameter(self, layer: Layer, which: str, shape: tuple[int, ...], init: dict) -> Parameter:
-        size = 1
-        for d in shape:
-            size *= d
-        base = f"{layer.name}.{which}"
-        p = Parameter(layer.name, which, self.buffer(base, size, which, layer.name),
-                      self.buffer(f"{base}.grad", size, "weight_grad", layer.name),
-                      self.buffer(f"{base}.inc", size, "momentum", layer.name),
-                      shape, init, len(self.params))
-        self.params.append(p)
-        return p
+        Returns (buffer, accumulate, finish); `finish()` must be called after the
+        consumer's kernel to move a contribution made on another device home."""
+        node = self.net.node(name)
+        j, home = self.holder(node, s)
+        target = self.grad(node, j)
+        key = self.grad_key(node, target)
+        if home == d:
+            acc = self.grad_writes[key] > 0
+            self.grad_writes[key] += 1
+            return target, acc, lambda: None
+        size = self.b * node.shape.size
+        temp = self.buffer(f"{name}.grad{self.tag(s, d)}", d, size, "staging", name)
 
-    # -- which layers need gradients ------------------------------------------
+        def finish():
+            if self.grad_writes[key] == 0:
+                self.copy(temp, target, size)
+            else:
+                inbox = self.buffer(f"{name}.grad.in{self.tag(None, home)}", home, size, "staging", name)
+                self.copy(temp, inbox, size)
+                k = self.kernel(f"add_n{size}", "eltsum_fwd", dict(n=size, coeff=1.0, accumulate=True), None,
+                                f"add a gradient contribution of {size} values")
+                self.launch(home, k, (inbox, target), (target,))
+            self.grad_writes[key] += 1
+        return temp, False, finish
+
+    def grad_key(self, node: Layer, target: str) -> tuple[str, int]:
+        """Counts contributions to a gradient buffer: per pass for layers that run every pass,
+        once per minibatch for those that run once."""
+        return target, -1 if node.name in self.high else self.pass_
+
+    # -- the plan ----------------------------------------------------------------
+    def build(self) -> Plan:
+        net = self.net
+        for l in net.layers:
+            if KINDS[l.kind].has_weights:
+                self.declare_parameters(l)
+        needs = self.trainable_upstream()
+        high = [l for l in net.layers if l.name in self.high]
+        low = [l for l in net.layers if l.name not in self.high]
+        self.phase = "forward"
+        for l in high:
+            for j, d in enumerate(l.gpus):
+                self.forward(l, j, 0, d)
+        for p in range(self.P):
+            self.pass_ = p
+            self.phase = "forward"
+            for l in low:
+                for j, d in enumerate(l.gpus):
+                    self.forward(l, j, p, d)
+            self.phase = "backward"
+            for l in reversed(low):
+                for j, d in enumerate(l.gpus):
+                    self.backward(l, j, p, d, needs)
+            for l in low:
+                if l.train and (p + 1) % self.period(l) == 0:
+                    self.update(l, p)
+        self.pass_ = self.P - 1          # the layers that run once go on after the last pass
+        self.phase = "backward"
+        for l in reversed(high):
+            for j, d in enumerate(l.gpus):
+                self.backward(l, j, 0, d, needs)
+        for l in high:
+            if l.train:
+                self.update(l, self.P - 1)
+        return self.assemble()
+
     def trainable_upstream(self) -> set[str]:
-        """Layers that have weights, or have a layer with weights upstream."""
+        """Layers that have weights, or have a layer with weights upstream: they need gradients."""
         out: set[str] = set()
         for l in self.net.layers:
             if KINDS[l.kind].has_weights or any(i in out for i in l.inputs):
                 out.add(l.name)
         return out
 
-    # -- the plan ---------------------------------------------------------------
-    def build(self) -> Plan:
-        net, B = self.net, self.net.batch
-        data = {}
-        for inp in net.inputs:
-            if inp.kind == "labels":
-                data[inp.name] = self.buffer(self.out(inp.name), B, "labels", inp.name, "i32")
-            else:
-                data[inp.name] = self.buffer(self.out(inp.name), B * inp.shape.size, "input", inp.name)
-        for l in net.layers:
-            if not KINDS[l.kind].is_cost:
-                self.buffer(self.out(l.name), B * l.shape.size, "activation", l.name)
-        costs = []
-        for l in net.layers:
-            getattr(self, f"forward_{l.kind}", self.forward_pool)(l, costs)
-        needs = self.trainable_upstream()
-        for l in reversed(net.layers):
-            self.backward(l, needs)
-        image = next(i for i in net.inputs if i.kind == "image")
-        labels = next((i for i in net.inputs if i.kind == "labels"), None)
-        return Plan(net.name, B, net.epochs, net.seed, [self.program], self.buffers, self.kernels, self.params,
-                    data, costs, (image.shape.channels, image.shape.height, image.shape.width),
-                    labels.classes if labels else 0)
+    # -- parameters ------------------------------------------------------------------
+    def declare_parameters(self, l: Layer) -> None:
+        for what, shape in lowering.parameter_shapes(l).items():
+            size = 1
+            for n in shape:
+                size *= n
+            init = {"const": l.train.init_b} if what == "biases" else {"normal": l.train.init_w}
+            bufs, grads, incs = [], [], []
+            for j, d in enumerate(l.gpus):
+                bufs.append(self.buffer(self.own(l, what, j), d, size, "biases" if what == "biases" else "weights",
+                                        l.name))
+                grads.append(self.buffer(self.own(l, what + ".grad", j), d, size, "weight_grad", l.name))
+                incs.append(self.buffer(self.own(l, what + ".inc", j), d, size, "momentum", l.name))
+            self.params.append(Parameter(l.name, what, tuple(bufs), tuple(grads), tuple(incs), shape, init,
+                                         len(self.params)))
 
-    def launch(self, phase: str, kernel: str, *args: str, **scalars) -> None:
-        getattr(self.program, phase).append(Launch(kernel, tuple(args), scalars))
+    def site(self, l: Layer, j: int, d: int, s: int) -> lowering.Site:
+        """Replica j of l on device d, working on share s: its buffers and a way to launch kernels."""
+        mine = [q for q in self.params if q.layer == l.name]
 
-    # -- forward ------------------------------------------------------------
-    def conv_params(self, l: Layer) -> dict:
-        x = l.in_shapes[0]
-        return dict(N=self.net.batch, C=x.channels, H=x.height, W=x.width, K=l.shape.channels,
-                    R=l.args["size"], S=l.args["size"], P=l.shape.height, Q=l.shape.width,
-                    stride=l.args["stride"], pad=l.args["padding"])
+        def emit(name, op, params, args, writes, summary):
+            self.launch(d, self.kernel(name, op, params, l, summary), args, writes)
+        out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
+        return lowering.Site(l, d, self.b, [self.activation(i, s, d) for i in l.inputs], out,
+                             {q.name: q.buffers[j] for q in mine}, {q.name: q.grads[j] for q in mine}, emit)
 
-    def forward_conv(self, l: Layer, costs) -> None:
-        p = self.conv_params(l)
-        w = self.parameter(l, "weights", (p["K"], p["C"], p["R"], p["S"]), {"normal": l.train.init_w})
-        b = self.parameter(l, "biases", (p["K"],), {"const": l.train.init_b})
-        tag = f"n{p['N']}_c{p['C']}_k{p['K']}_{p['R']}x{p['S']}"
-        k = self.kernel(f"{l.name}_fwd_{tag}", "conv_fwd", dict(p, neuron=l.neuron.to_json()), l,
-                        f"forward of {l.name}: {p['K']} filters {p['R']}x{p['S']} over {p['C']}x{p['H']}x{p['W']},"
-                        f" stride {p['stride']}, padding {p['pad']}, {l.neuron}")
-        self.launch("forward", k, self.out(l.inputs[0]), w.buffer, b.buffer, self.out(l.name))
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, l: Layer, j: int, p: int, d: int) -> None:
+        s = self.share(l, j, p)
+        site = self.site(l, j, d, s)
+        if KINDS[l.kind].is_cost:
+            loss, correct = self.cost_outputs(l, s, d)
+            lowering.forward_logreg(site, self.net.node(l.inputs[1]).shape.size, loss, correct)
+        else:
+            lowering.FORWARD[l.kind](site)
 
-    def forward_fc(self, l: Layer, costs) -> None:
-        n_in, n_out = l.in_shapes[0].size, l.shape.size
-        w = self.parameter(l, "weights", (n_in, n_out), {"normal": l.train.init_w})
-        b = self.parameter(l, "biases", (n_out,), {"const": l.train.init_b})
-        p = dict(N=self.net.batch, I=n_in, O=n_out)
-        k = self.kernel(f"{l.name}_fwd_n{p['N']}_i{n_in}_o{n_out}", "fc_fwd", dict(p, neuron=l.neuron.to_json()), l,
-                        f"forward of {l.name}: {n_in} inputs to {n_out} outputs, {l.neuron}")
-        self.launch("forward", k, self.out(l.inputs[0]), w.buffer, b.buffer, self.out(l.name))
+    def cost_outputs(self, l: Layer, s: int, d: int) -> tuple[str, str]:
+        tag = f".s{s}" if self.S > 1 else ""
+        return (self.buffer(f"{l.name}.loss{tag}", d, self.b, "cost", l.name),
+                self.buffer(f"{l.name}.correct{tag}", d, self.b, "cost", l.name))
 
-    def pool_params(self, l: Layer) -> dict:
-        x = l.in_shapes[0]
-        return dict(N=self.net.batch, C=x.channels, H=x.height, W=x.width, P=l.shape.height, Q=l.shape.width,
-                    size=l.args["size"], stride=l.args["stride"], start=l.args["start"],
-                    mode="max" if l.kind == "maxpool" else "avg")
-
-    def forward_pool(self, l: Layer, costs) -> None:
-        p = self.pool_params(l)
-        k = self.kernel(f"{l.name}_fwd_{p['mode']}_{p['size']}x{p['size']}s{p['stride']}", "pool_fwd", p, l,
-                        f"forward of {l.name}: {p['mode']} pooling {p['size']}x{p['size']}, stride {p['stride']}")
-        self.launch("forward", k, self.out(l.inputs[0]), self.out(l.name))
-
-    def forward_softmax(self, l: Layer, costs) -> None:
-        p = dict(N=self.net.batch, C=l.shape.size)
-        k = self.kernel(f"{l.name}_softmax_fwd_n{p['N']}_c{p['C']}", "softmax_fwd", p, l,
-                        f"forward of {l.name}: softmax over {p['C']} values")
-        self.launch("forward", k, self.out(l.inputs[0]), self.out(l.name))
-
-    def forward_logreg(self, l: Layer, costs) -> None:
-        probs = self.net.node(l.inputs[1])
-        p = dict(N=self.net.batch, C=probs.shape.size, top_k=l.args["top_k"])
-        loss = self.buffer(f"{l.name}.loss", self.net.batch, "cost", l.name)
-        correct = self.buffer(f"{l.name}.correct", self.net.batch, "cost", l.name)
-        k = self.kernel(f"{l.name}_logreg_fwd_n{p['N']}_c{p['C']}", "logreg_fwd", p, l,
-                        f"cost {l.name}: -log p(label) and top-{p['top_k']} correctness per case")
-        self.launch("forward", k, self.out(l.inputs[0]), self.out(l.inputs[1]), loss, correct)
-        costs.append({"layer": l.name, "loss": loss, "correct": correct, "coeff": l.args["coeff"],
-                      "top_k": l.args["top_k"]})
-
-    # -- backward -----------------------------------------------------------
-    def backward(self, l: Layer, needs: set[str]) -> None:
-        kind = KINDS[l.kind]
-        if kind.is_cost:
-            self.backward_logreg(l, needs)
+    # -- backward --------------------------------------------------------------------
+    def backward(self, l: Layer, j: int, p: int, d: int, needs: set[str]) -> None:
+        s = self.share(l, j, p)
+        if KINDS[l.kind].is_cost:
+            self.backward_cost(l, s, d, needs)
             return
-        if l.name not in needs or l.name not in self.grad_writes:
-            return          # nothing trainable upstream, or the output reaches no cost
+        if l.name not in needs:
+            return
+        dy = self.grad(l, j)
+        if self.grad_writes[self.grad_key(l, dy)] == 0:
+            return          # its output reaches no cost
         if l.kind == "softmax" and self.fused_with_cost(l):
-            return          # its gradient was taken together with the cost
-        dy = self.grad(l.name)
-        if not l.neuron.is_identity:
-            n = self.net.batch * l.shape.size
-            k = self.kernel(f"{l.name}_{l.neuron.name}_bwd_n{n}", "neuron_bwd", dict(n=n, neuron=l.neuron.to_json()),
-                            l, f"backward of {l.name}'s {l.neuron} neuron, in place on its gradient")
-            self.launch("backward", k, self.out(l.name), dy)
-        src = l.inputs[0]
-        wants_dx = src in needs
-        getattr(self, f"backward_{l.kind}", self.backward_pool)(l, dy, src, wants_dx)
+            return          # differentiated together with the cost
+        site = self.site(l, j, d, s)
+        lowering.neuron_backward(site, dy)
+        if KINDS[l.kind].has_weights:
+            lowering.weight_gradients(site, dy, accumulate=p % self.period(l) != 0)
+        targets, finishes = [], []
+        for name in l.inputs:
+            if name in needs:
+                dx, acc, finish = self.contribution(name, s, d)
+                targets.append((dx, acc))
+                finishes.append(finish)
+            else:
+                targets.append(None)
+        lowering.BACKWARD[l.kind](site, dy, targets)
+        for finish in finishes:
+            finish()
 
     def fused_with_cost(self, softmax: Layer) -> bool:
         consumers = self.net.consumers(softmax.name)
         return len(consumers) == 1 and consumers[0].kind == "logreg" and consumers[0].inputs[1] == softmax.name
 
-    def backward_logreg(self, l: Layer, needs: set[str]) -> None:
+    def backward_cost(self, l: Layer, s: int, d: int, needs: set[str]) -> None:
         probs = self.net.node(l.inputs[1])
-        p = dict(N=self.net.batch, C=probs.shape.size, coeff=l.args["coeff"])
-        if self.fused_with_cost(probs):
-            target = probs.inputs[0]
-            if target not in needs:
-                return
-            acc = self.add_grad(target)
-            k = self.kernel(f"{l.name}_softmax_logreg_bwd_n{p['N']}_c{p['C']}" + ("_acc" if acc else ""),
-                            "softmax_logreg_bwd", dict(p, accumulate=acc), l,
-                            f"gradient of cost {l.name} through softmax {probs.name}: coeff * (probs - onehot)")
-            self.launch("backward", k, self.out(l.inputs[0]), self.out(probs.name), self.grad(target))
+        fused = self.fused_with_cost(probs)
+        target = probs.inputs[0] if fused else probs.name
+        if target not in needs:
             return
-        if probs.name not in needs:
-            return
-        acc = self.add_grad(probs.name)
-        k = self.kernel(f"{l.name}_logreg_bwd_n{p['N']}_c{p['C']}" + ("_acc" if acc else ""), "logreg_bwd",
-                        dict(p, accumulate=acc), l, f"gradient of cost {l.name} with respect to {probs.name}")
-        self.launch("backward", k, self.out(l.inputs[0]), self.out(probs.name), self.grad(probs.name))
+        site = self.site(l, self.holder(l, s)[0], d, s)
+        dx, acc, finish = self.contribution(target, s, d)
+        lowering.backward_logreg(site, probs.shape.size, dx, acc, probs.name if fused else None)
+        finish()
 
-    def weight_grads(self, l: Layer, dy: str, op: str, p: dict, tag: str, inner: int) -> None:
-        w, b = (q for q in self.params if q.layer == l.name)
-        k = self.kernel(f"{l.name}_bias_grad_k{b.shape[0]}",
-                        "bias_grad", dict(N=self.net.batch, K=b.shape[0], inner=inner), l,
-                        f"gradient of {l.name}'s biases: sum over cases" + (" and pixels" if inner > 1 else ""))
-        self.launch("backward", k, dy, b.grad)
-        k = self.kernel(f"{l.name}_bwd_filter_{tag}", op, p, l, f"gradient of {l.name}'s weights")
-        self.launch("backward", k, self.out(l.inputs[0]), dy, w.grad)
-        self.updates(l, w, b)
-
-    def updates(self, l: Layer, w: Parameter, b: Parameter) -> None:
+    # -- exchange and update -----------------------------------------------------------
+    def update(self, l: Layer, p: int) -> None:
         t = l.train
-        for q, lr, mom, wd in ((w, t.lr, t.momentum, t.weight_decay), (b, t.lr_bias, t.momentum_bias, 0.0)):
-            n = self.buffers[q.buffer].size
+        cases = self.b * len(l.gpus) * self.period(l)
+        for q in (q for q in self.params if q.layer == l.name):
+            if q.name == "biases":
+                lr, mom, wd = t.lr_bias, t.momentum_bias, 0.0
+            else:
+                lr, mom, wd = t.lr, t.momentum, t.weight_decay
+            self.phase = "exchange"
+            self.allreduce(l, q)
+            self.phase = "update"
+            n = self.buffers[q.buffers[0]].size
             k = self.kernel(f"sgd_update_n{n}", "sgd_update", dict(n=n), None, f"momentum SGD step on {n} values")
-            self.launch("update", k, q.buffer, q.grad, q.inc, lr=lr.to_json(), momentum=mom, weight_decay=wd,
-                        inv_cases=1.0 / self.net.batch)
+            for j, d in enumerate(l.gpus):
+                self.launch(d, k, (q.buffers[j], q.grads[j], q.incs[j]), (q.buffers[j], q.incs[j]),
+                            lr=lr.to_json(), momentum=mom, weight_decay=wd, inv_cases=1.0 / cases)
 
-    def backward_conv(self, l: Layer, dy: str, src: str, wants_dx: bool) -> None:
-        p = self.conv_params(l)
-        tag = f"n{p['N']}_c{p['C']}_k{p['K']}_{p['R']}x{p['S']}"
-        self.weight_grads(l, dy, "conv_bwd_filter", p, tag, p["P"] * p["Q"])
-        if wants_dx:
-            w = next(q for q in self.params if q.layer == l.name and q.name == "weights")
-            acc = self.add_grad(src)
-            k = self.kernel(f"{l.name}_bwd_data_{tag}" + ("_acc" if acc else ""), "conv_bwd_data",
-                            dict(p, accumulate=acc), l, f"gradient of {l.name} with respect to its input {src}")
-            self.launch("backward", k, w.buffer, dy, self.grad(src))
+    def allreduce(self, l: Layer, q: Parameter) -> None:
+        """Sum the replicas' gradients: reduce-scatter (replica c owns chunk c), then all-gather.
 
-    def backward_fc(self, l: Layer, dy: str, src: str, wants_dx: bool) -> None:
-        p = dict(N=self.net.batch, I=l.in_shapes[0].size, O=l.shape.size)
-        tag = f"n{p['N']}_i{p['I']}_o{p['O']}"
-        self.weight_grads(l, dy, "fc_bwd_filter", p, tag, 1)
-        if wants_dx:
-            w = next(q for q in self.params if q.layer == l.name and q.name == "weights")
-            acc = self.add_grad(src)
-            k = self.kernel(f"{l.name}_bwd_data_{tag}" + ("_acc" if acc else ""), "fc_bwd_data",
-                            dict(p, accumulate=acc), l, f"gradient of {l.name} with respect to its input {src}")
-            self.launch("backward", k, w.buffer, dy, self.grad(src))
-
-    def backward_pool(self, l: Layer, dy: str, src: str, wants_dx: bool) -> None:
-        if not wants_dx:
+        Each chunk is summed in replica order on its owner, so the result is the
+        same bit for bit on every replica."""
+        R = len(l.gpus)
+        if R == 1:
             return
-        acc = self.add_grad(src)
-        p = dict(self.pool_params(l), accumulate=acc)
-        k = self.kernel(f"{l.name}_bwd_{p['mode']}_{p['size']}x{p['size']}s{p['stride']}" + ("_acc" if acc else ""),
-                        "pool_bwd", p, l, f"gradient of {l.name} with respect to its input {src}")
-        self.launch("backward", k, self.out(src), self.out(l.name), dy, self.grad(src))
+        n = self.buffers[q.grads[0]].size
+        bounds = [n * c // R for c in range(R + 1)]
+        for c in range(R):
+            lo, hi = bounds[c], bounds[c + 1]
+            if hi == lo:
+                continue
+            owner = l.gpus[c]
+            stage = self.buffer(f"{q.export_name}.grad.stage{self.tag(None, owner)}", owner, R * (hi - lo),
+                                "staging", l.name)
+            for j in range(R):
+                self.copy(q.grads[j], stage, hi - lo, src_offset=lo, dst_offset=j * (hi - lo))
+            k = self.kernel(f"replica_sum_r{R}_n{hi - lo}_at{lo}", "replica_sum", dict(R=R, n=hi - lo, offset=lo), None,
+                            f"sum {R} replicas' gradient chunks of {hi - lo} values, in replica order")
+            self.launch(owner, k, (stage, q.grads[c]), (q.grads[c],))
+            for j in range(R):
+                if j != c:
+                    self.copy(q.grads[c], q.grads[j], hi - lo, src_offset=lo, dst_offset=lo)
 
-    def backward_softmax(self, l: Layer, dy: str, src: str, wants_dx: bool) -> None:
-        if not wants_dx:
-            return
-        acc = self.add_grad(src)
-        p = dict(N=self.net.batch, C=l.shape.size, accumulate=acc)
-        k = self.kernel(f"{l.name}_softmax_bwd_n{p['N']}_c{p['C']}" + ("_acc" if acc else ""), "softmax_bwd", p, l,
-                        f"gradient of softmax {l.name} with respect to {src}")
-        self.launch("backward", k, self.out(l.name), dy, self.grad(src))
+    # -- programs ------------------------------------------------------------------------
+    def assemble(self) -> Plan:
+        net = self.net
+        train = split_by_device(self.steps)
+        test = split_by_device([s for s in self.steps if s.op.phase == "forward"])
+        costs = []
+        for l in net.layers:
+            if KINDS[l.kind].is_cost:
+                shares = range(self.S)
+                costs.append({"layer": l.name, "coeff": l.args["coeff"], "top_k": l.args["top_k"],
+                              "loss": [self.cost_outputs(l, s, self.holder(l, s)[1])[0] for s in shares],
+                              "correct": [self.cost_outputs(l, s, self.holder(l, s)[1])[1] for s in shares]})
+        image = next(i for i in net.inputs if i.kind == "image")
+        labels = next((i for i in net.inputs if i.kind == "labels"), None)
+        placements = [LayerPlacement(l.name, l.kind, l.gpus, self.passes(l),
+                                     self.period(l) if l.train else 0) for l in net.layers]
+        return Plan(net.name, net.batch, net.epochs, net.seed, self.S, self.buffers, self.kernels, self.params,
+                    {"train": train, "test": test}, {i.name: i.kind for i in net.inputs}, costs, placements,
+                    (image.shape.channels, image.shape.height, image.shape.width),
+                    labels.classes if labels else 0)
+
+
+def split_by_device(steps: list[_Step]) -> dict[int, list[Op]]:
+    """Per-device programs from a global order, with events for cross-device dependencies.
+
+    An op depends on the last writer of each buffer it reads or writes (read
+    after write, write after write) and on every reader since that write
+    (write after read).  When that earlier op ran on another device, the
+    earlier device records an event right after it and this device waits for it."""
+    programs: dict[int, list[Op]] = defaultdict(list)
+    last_write: dict[str, tuple[int, int]] = {}
+    readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    events: dict[tuple[int, int], str] = {}        # (device, index in its program) -> event
+    waited: dict[int, set[str]] = defaultdict(set)
+    pending: dict[int, list[tuple[int, int]]] = defaultdict(list)   # records to insert
+    for step in steps:
+        dev = step.device
+        deps = []
+        for buf in step.op.reads():
+            if buf in last_write:
+                deps.append(last_write[buf])
+        for buf in step.writes:
+            if buf in last_write:
+                deps.append(last_write[buf])
+            deps.extend(readers.get(buf, []))
+        for (ddev, idx) in deps:
+            if ddev == dev:
+                continue
+            key = (ddev, idx)
+            if key not in events:
+                events[key] = f"e{len(events)}"
+            ev = events[key]
+            if ev not in waited[dev]:
+                waited[dev].add(ev)
+                programs[dev].append(Op("wait", event=ev, stream=step.op.stream, phase=step.op.phase,
+                                        pass_=step.op.pass_))
+        programs[dev].append(step.op)
+        here = (dev, len(programs[dev]) - 1)
+        for buf in step.op.reads():
+            readers[buf].append(here)
+        for buf in step.writes:
+            last_write[buf] = here
+            readers[buf] = []
+    # insert the record ops after the ops they mark (from the back, so indices stay valid)
+    by_device: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for (dev, idx), ev in events.items():
+        by_device[dev].append((idx, ev))
+    for dev, marks in by_device.items():
+        for idx, ev in sorted(marks, reverse=True):
+            op = programs[dev][idx]
+            programs[dev].insert(idx + 1, Op("record", event=ev, stream=op.stream, phase=op.phase, pass_=op.pass_))
+    return dict(sorted(programs.items()))
 
 
 def plan(net: Network) -> Plan:
-    """Schedule a checked network's kernels, buffers and parameter updates."""
-    return _Builder(net).build()
+    """Schedule a checked network's kernels, copies, exchanges and updates per device."""
+    return _Planner(net).build()

@@ -3,11 +3,18 @@
 This is the backend-neutral contract between the planner and the executor;
 it round-trips through ``build/plan.json`` so a build directory alone is
 enough to run.
+
+A plan has two programs, ``train`` (one minibatch: forward, backward,
+gradient exchange, updates) and ``test`` (forward only).  Each program is a
+list of ops per logical device, executed in order on that device; an op
+that needs another device's result waits for an event that device records.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+PLAN_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -16,7 +23,8 @@ class Buffer:
     device: int
     size: int                  # elements
     dtype: str                 # "f32" | "i32"
-    role: str                  # input | labels | activation | gradient | weights | weight_grad | momentum | cost
+    role: str                  # input | labels | activation | gradient | weights | biases | weight_grad |
+    #                            momentum | cost | mirror | staging
     layer: str
 
     @property
@@ -38,39 +46,77 @@ class Kernel:
 
 
 @dataclass(frozen=True)
-class Launch:
-    """A kernel launch: buffer ids in op-argument order, plus runtime scalars.
+class Op:
+    """One step of a device's program.
 
-    A scalar is a number, or a schedule dict (``{"kind": "dexp", ...}``) the
-    executor evaluates at the current training progress.
+    kind:
+      launch   run `kernel` on `args` (buffer ids in op-argument order) and
+               `scalars` (numbers, or schedule dicts evaluated at the current progress)
+      copy     `count` elements from `src`[src_offset:] to `dst`[dst_offset:] (dst is on this device)
+      upload   the host's cases of share `share` of input `input` into `dst`
+      record   mark `event` once everything before it on this device is done
+      wait     do nothing more on this device until `event` is recorded
     """
 
-    kernel: str
-    args: tuple[str, ...]
-    scalars: dict[str, Any] = field(default_factory=dict)
+    kind: str
     stream: str = "compute"
+    kernel: str = ""
+    args: tuple[str, ...] = ()
+    scalars: dict[str, Any] = field(default_factory=dict)
+    src: str = ""
+    dst: str = ""
+    src_offset: int = 0
+    dst_offset: int = 0
+    count: int = 0
+    input: str = ""
+    share: int = 0
+    event: str = ""
+    phase: str = ""            # forward | backward | exchange | update (for people and summaries)
+    pass_: int = 0
+
+    def reads(self) -> tuple[str, ...]:
+        if self.kind == "copy":
+            return (self.src,)
+        return self.args if self.kind == "launch" else ()
+
+    def to_json(self) -> dict:
+        full = asdict(self)
+        full["args"] = list(self.args)
+        default = Op("x")
+        return {k: v for k, v in full.items() if k == "kind" or v != getattr(default, k) and v != []}
+
+    @staticmethod
+    def from_json(d: dict) -> "Op":
+        return Op(**dict(d, args=tuple(d.get("args", ()))))
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """A trainable tensor with its gradient and momentum buffers and how to initialise it."""
+    """A trainable tensor: one buffer per replica, with gradient and momentum, and its initialisation."""
 
     layer: str
-    name: str                  # "weights" | "biases"
-    buffer: str
-    grad: str
-    inc: str
+    name: str                  # "weights" | "biases" (| "weights.<i>" for a layer's i-th input)
+    buffers: tuple[str, ...]   # one per replica of the layer
+    grads: tuple[str, ...]
+    incs: tuple[str, ...]
     shape: tuple[int, ...]
     init: dict[str, Any]       # {"normal": std} | {"const": value}
     index: int                 # position in the network's parameter list (RNG key)
 
+    @property
+    def export_name(self) -> str:
+        return f"{self.layer}.{self.name}"
+
 
 @dataclass
-class DeviceProgram:
-    logical: int
-    forward: list[Launch] = field(default_factory=list)
-    backward: list[Launch] = field(default_factory=list)
-    update: list[Launch] = field(default_factory=list)
+class LayerPlacement:
+    """What `cnnc plan --json` reports per layer."""
+
+    layer: str
+    kind: str
+    devices: tuple[int, ...]
+    passes: int
+    update_period: int         # passes accumulated per update (0: no weights)
 
 
 @dataclass
@@ -79,48 +125,60 @@ class Plan:
     batch: int
     epochs: int
     seed: int
-    devices: list[DeviceProgram]
+    shares: int                          # the minibatch is cut into this many equal shares
     buffers: dict[str, Buffer]
     kernels: dict[str, Kernel]
     parameters: list[Parameter]
-    data: dict[str, str]                 # input name -> buffer id
-    costs: list[dict[str, Any]]          # {"layer", "loss", "correct", "coeff", "top_k"}
+    programs: dict[str, dict[int, list[Op]]]      # "train" | "test" -> logical device -> ops
+    inputs: dict[str, str]               # input name -> "image" | "labels"
+    costs: list[dict[str, Any]]          # {"layer", "loss": [buffer per share], "correct": [...], "coeff", "top_k"}
+    layers: list[LayerPlacement] = field(default_factory=list)
     image_shape: tuple[int, int, int] = (1, 1, 1)
     classes: int = 0
 
+    @property
+    def devices(self) -> list[int]:
+        return sorted({b.device for b in self.buffers.values()})
+
+    @property
+    def share_size(self) -> int:
+        return self.batch // self.shares
+
     def to_json(self) -> dict:
         return {
-            "format": 1,
+            "format": PLAN_FORMAT,
             "network": self.network,
             "batch": self.batch,
             "epochs": self.epochs,
             "seed": self.seed,
+            "shares": self.shares,
             "image_shape": list(self.image_shape),
             "classes": self.classes,
-            "data": self.data,
+            "inputs": self.inputs,
             "costs": self.costs,
+            "layers": [dict(asdict(l), devices=list(l.devices)) for l in self.layers],
             "buffers": [asdict(b) for b in self.buffers.values()],
             "kernels": [asdict(k) for k in self.kernels.values()],
-            "parameters": [dict(asdict(p), shape=list(p.shape)) for p in self.parameters],
-            "devices": [
-                {"logical": d.logical,
-                 **{phase: [dict(asdict(l), args=list(l.args)) for l in getattr(d, phase)]
-                    for phase in ("forward", "backward", "update")}}
-                for d in self.devices
-            ],
+            "parameters": [dict(asdict(p), buffers=list(p.buffers), grads=list(p.grads), incs=list(p.incs),
+                                shape=list(p.shape)) for p in self.parameters],
+            "programs": {name: {str(dev): [op.to_json() for op in ops] for dev, ops in prog.items()}
+                         for name, prog in self.programs.items()},
         }
 
     @staticmethod
     def from_json(j: dict) -> "Plan":
-        def launches(items):
-            return [Launch(l["kernel"], tuple(l["args"]), l.get("scalars", {}), l.get("stream", "compute"))
-                    for l in items]
+        if j.get("format") != PLAN_FORMAT:
+            raise ValueError("unsupported plan format")
         return Plan(
-            network=j["network"], batch=j["batch"], epochs=j["epochs"], seed=j["seed"],
-            devices=[DeviceProgram(d["logical"], launches(d["forward"]), launches(d["backward"]),
-                                   launches(d["update"])) for d in j["devices"]],
+            network=j["network"], batch=j["batch"], epochs=j["epochs"], seed=j["seed"], shares=j["shares"],
             buffers={b["id"]: Buffer(**b) for b in j["buffers"]},
             kernels={k["name"]: Kernel(**k) for k in j["kernels"]},
-            parameters=[Parameter(**dict(p, shape=tuple(p["shape"]))) for p in j["parameters"]],
-            data=j["data"], costs=j["costs"], image_shape=tuple(j["image_shape"]), classes=j["classes"],
+            parameters=[Parameter(**dict(p, buffers=tuple(p["buffers"]), grads=tuple(p["grads"]),
+                                         incs=tuple(p["incs"]), shape=tuple(p["shape"])))
+                        for p in j["parameters"]],
+            programs={name: {int(dev): [Op.from_json(o) for o in ops] for dev, ops in prog.items()}
+                      for name, prog in j["programs"].items()},
+            inputs=j["inputs"], costs=j["costs"],
+            layers=[LayerPlacement(**dict(l, devices=tuple(l["devices"]))) for l in j.get("layers", [])],
+            image_shape=tuple(j["image_shape"]), classes=j["classes"],
         )

@@ -1,14 +1,17 @@
-"""A readable account of a plan: what `cnnc plan` prints.
+"""A readable account of a plan: what `cnnc plan` prints (and `--json` emits).
 
-Per logical device: the kernels of each phase in order with the DSL line they
-implement, their launch geometry and (when nvcc ran) registers, shared memory
-and spills; memory by role; arithmetic per training step.
+Per layer: kind, devices (replicas), passes per minibatch, update period.
+Per logical device: its training program in order (kernels with the DSL line
+they implement, launch geometry and, when nvcc ran, registers, shared memory
+and spills; copies; events), memory by role, arithmetic per step.  Per step:
+bytes moved between each pair of devices, split into activation/gradient
+traffic and the gradient collectives.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
-from cnnc.plan.schedule import Kernel, Plan
+from cnnc.plan.schedule import Kernel, Op, Plan
 
 
 def kernel_flops(k: Kernel) -> int:
@@ -18,65 +21,109 @@ def kernel_flops(k: Kernel) -> int:
         return 2 * p["N"] * p["K"] * p["P"] * p["Q"] * p["C"] * p["R"] * p["S"]
     if k.op.startswith("fc_"):
         return 2 * p["N"] * p["I"] * p["O"]
-    if k.op == "pool_fwd" or k.op == "pool_bwd":
+    if k.op in ("pool_fwd", "pool_bwd"):
         return p["N"] * p["C"] * p["P"] * p["Q"] * p["size"] * p["size"]
     if k.op == "bias_grad":
         return p["N"] * p["K"] * p["inner"]
-    if k.op in ("neuron_bwd",):
-        return p["n"]
     if k.op == "sgd_update":
         return 6 * p["n"]
+    if "n" in p:
+        return p["n"] * p.get("R", 1)
     return 4 * p.get("N", 0) * p.get("C", 1)
+
+
+def _describe(op: Op, plan: Plan, resources: dict) -> dict:
+    row = {"op": op.kind, "phase": op.phase, "pass": op.pass_, "stream": op.stream}
+    if op.kind == "launch":
+        k = plan.kernels[op.kernel]
+        row.update(kernel=k.name, kernel_op=k.op, layer=k.layer, line=k.line, args=list(op.args),
+                   flops=kernel_flops(k), launch=k.launch, resources=resources.get(k.name, {}))
+    elif op.kind == "copy":
+        row.update(src=op.src, dst=op.dst, bytes=4 * op.count, src_device=plan.buffers[op.src].device)
+    elif op.kind == "upload":
+        row.update(input=op.input, share=op.share, dst=op.dst, bytes=plan.buffers[op.dst].nbytes)
+    else:
+        row.update(event=op.event)
+    return row
 
 
 def summarize(plan: Plan, manifest: dict | None = None) -> dict:
     resources = {name: k.get("resources", {}) for name, k in (manifest or {}).get("kernels", {}).items()}
     devices = []
-    for dev in plan.devices:
-        phases = {}
-        flops = 0
-        for phase in ("forward", "backward", "update"):
-            rows = []
-            for launch in getattr(dev, phase):
-                k = plan.kernels[launch.kernel]
-                f = kernel_flops(k)
-                flops += f
-                rows.append({"kernel": k.name, "op": k.op, "layer": k.layer, "line": k.line,
-                             "args": list(launch.args), "flops": f, "launch": k.launch,
-                             "resources": resources.get(k.name, {})})
-            phases[phase] = rows
+    moved: dict[tuple[int, int], int] = defaultdict(int)
+    collective: dict[tuple[int, int], int] = defaultdict(int)
+    for dev, ops in plan.programs["train"].items():
+        rows = [_describe(op, plan, resources) for op in ops]
+        for op, row in zip(ops, rows):
+            if op.kind == "copy" and row["src_device"] != dev:
+                table = collective if op.phase == "exchange" else moved
+                table[(row["src_device"], dev)] += row["bytes"]
         memory = defaultdict(int)
         for b in plan.buffers.values():
-            if b.device == dev.logical:
+            if b.device == dev:
                 memory[b.role] += b.nbytes
-        devices.append({"logical": dev.logical, "phases": phases, "memory_bytes": dict(memory),
-                        "peak_memory_bytes": sum(memory.values()), "flops_per_step": flops})
-    n_params = sum(plan.buffers[p.buffer].size for p in plan.parameters)
-    return {"network": plan.network, "batch": plan.batch, "parameters": n_params,
-            "devices": devices, "copies": [], "collectives": []}
+        devices.append({"logical": dev, "program": rows, "memory_bytes": dict(memory),
+                        "peak_memory_bytes": sum(memory.values()),
+                        "flops_per_step": sum(r.get("flops", 0) for r in rows)})
+    n_params = sum(plan.buffers[p.buffers[0]].size for p in plan.parameters)
+    pairs = sorted(set(moved) | set(collective))
+    return {
+        "network": plan.network, "batch": plan.batch, "shares": plan.shares, "parameters": n_params,
+        "layers": [{"name": l.layer, "kind": l.kind, "devices": list(l.devices), "passes": l.passes,
+                    "update_period": l.update_period} for l in plan.layers],
+        "devices": devices,
+        "transfers": [{"from": a, "to": b, "activation_bytes": moved.get((a, b), 0),
+                       "collective_bytes": collective.get((a, b), 0)} for a, b in pairs],
+        "peak_memory_bytes": {d["logical"]: d["peak_memory_bytes"] for d in devices},
+    }
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _op_line(r: dict) -> str:
+    if r["op"] == "launch":
+        geo = r["launch"].get("cuda", {})
+        grid = "x".join(map(str, geo.get("grid", [])[:2])) if geo else "?"
+        block = geo.get("block", ["?"])[0] if geo else "?"
+        res = r["resources"].get("sm_80") or next(iter(r["resources"].values()), None)
+        regs = ""
+        if res:
+            regs = f"{res['registers']:3d} regs {res['shared_bytes']:6d} B smem"
+            if res.get("spill_stores"):
+                regs += f" SPILLS {res['spill_stores']} B"
+        line = f"line {r['line']}" if r["line"] else ""
+        return f"{r['kernel']:<46} {line:<8} grid {grid:<9} x{block:<4} {regs}"
+    if r["op"] == "copy":
+        return f"copy {r['src']} (device {r['src_device']}) -> {r['dst']}, {r['bytes']:,} B  [{r['stream']}]"
+    if r["op"] == "upload":
+        return f"upload {r['input']} share {r['share']} -> {r['dst']}, {r['bytes']:,} B"
+    return f"{r['op']} {r['event']}"
+
+
 def format_summary(s: dict) -> str:
-    out = [f"network {s['network']}: batch {s['batch']}, {s['parameters']:,} parameters, "
-           f"{len(s['devices'])} logical device(s)"]
+    out = [f"network {s['network']}: batch {s['batch']} in {s['shares']} share(s), "
+           f"{s['parameters']:,} parameters, {len(s['devices'])} logical device(s)", "", "layers:"]
+    for l in s["layers"]:
+        period = f", update every {l['update_period']} pass(es)" if l["update_period"] else ""
+        out.append(f"  {l['name']:<12} {l['kind']:<8} @gpu({','.join(map(str, l['devices']))}), "
+                   f"{l['passes']} pass(es){period}")
     for d in s["devices"]:
         out.append(f"\ndevice {d['logical']}: {d['flops_per_step'] / 1e9:.3f} GFLOP per step, "
                    f"{_mib(d['peak_memory_bytes'])} of buffers "
                    f"({', '.join(f'{r} {_mib(n)}' for r, n in sorted(d['memory_bytes'].items()))})")
-        for phase, rows in d["phases"].items():
-            out.append(f"  {phase}:")
-            for r in rows:
-                geo = r["launch"].get("cuda", {})
-                grid = "x".join(map(str, geo.get("grid", [])[:2])) if geo else "?"
-                block = geo.get("block", ["?"])[0] if geo else "?"
-                res = r["resources"].get("sm_80") or next(iter(r["resources"].values()), None)
-                regs = f"{res['registers']:3d} regs {res['shared_bytes']:6d} B smem" \
-                       + (f" SPILLS {res['spill_stores']} B" if res.get("spill_stores") else "") if res else ""
-                line = f"line {r['line']}" if r["line"] else ""
-                out.append(f"    {r['kernel']:<44} {line:<8} grid {grid:<9} x{block:<4} {regs}")
-    out.append("\nbytes moved between devices per step: none (single device)")
+        current = None
+        for r in d["program"]:
+            head = (r["phase"], r["pass"])
+            if head != current:
+                current = head
+                out.append(f"  {r['phase']} (pass {r['pass']}):" if s["shares"] > 1 else f"  {r['phase']}:")
+            out.append("    " + _op_line(r))
+    out.append("\nbytes moved per step:")
+    if not s["transfers"]:
+        out.append("  none (everything stays on its device)")
+    for t in s["transfers"]:
+        out.append(f"  device {t['from']} -> {t['to']}: {t['activation_bytes']:,} B activations/gradients, "
+                   f"{t['collective_bytes']:,} B gradient exchange")
     return "\n".join(out)

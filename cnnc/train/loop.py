@@ -2,12 +2,11 @@
 
 Evaluates on the test split after every epoch (and every `test_freq` steps
 when asked), appends one JSON object per evaluation to metrics.jsonl, and
-saves the final parameters as weights.npz, both written so that a crash
-never leaves a half-written file.
+saves the parameters as weights.npz after every epoch, both written so that
+a crash never leaves a half-written file.
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from typing import Callable
 import numpy as np
 
 from cnnc.backends.base import Backend
-from cnnc.build import write_atomic
 from cnnc.executor import Executor
 from cnnc.plan.schedule import Plan
 from cnnc.train.data import DataError, Dataset, batches_per_epoch, eval_batches, train_batches
+from cnnc.train.weights import WEIGHTS_FILE, save_weights
 
 
 @dataclass
@@ -60,12 +59,6 @@ def evaluate(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[fl
     return losses / n, wrong / n
 
 
-def save_weights(path: Path, params: dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **params)
-    write_atomic(path, buf.getvalue())
-
-
 def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path,
           test_freq: int = 0, progress: Callable | None = None,
           parameters: dict[str, np.ndarray] | None = None) -> list[Evaluation]:
@@ -97,7 +90,7 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
             bar.close()
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         history.append(_record(ex, ds, plan, epoch, step, loss_sum / max(seen, 1), rate, backend, metrics))
-    save_weights(save_dir / "weights.npz", ex.parameters())
+        save_weights(save_dir / WEIGHTS_FILE, ex.parameters())      # after every epoch, atomically
     return history
 
 

@@ -88,11 +88,11 @@ __kernel void __attribute__((reqd_work_group_size(8, 1, 1))) conv1_fwd_n2_c1_k2_
 }
 
 // ---------------------------------------------------------------------------
-// pool1_fwd_avg_2x2s2
+// pool1_fwd_avg_2x2s2_n2
 // forward of pool1: avg pooling 2x2, stride 2
 // tiny.cnn:7: pool1 = avgpool(conv1, size=2, stride=2)
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) pool1_fwd_avg_2x2s2(__global const float* restrict x, __global float* restrict y)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) pool1_fwd_avg_2x2s2_n2(__global const float* restrict x, __global float* restrict y)
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 36) return;
@@ -241,11 +241,11 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) cost_softmax_logre
 }
 
 // ---------------------------------------------------------------------------
-// fc2_bias_grad_k3
+// fc2_bias_grad_k3_n2
 // gradient of fc2's biases: sum over cases
 // tiny.cnn:8: fc2 = fc(pool1, outputs=3)
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) fc2_bias_grad_k3(__global const float* restrict dy, __global float* restrict db)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) fc2_bias_grad_k3_n2(__global const float* restrict dy, __global float* restrict db)
 {
     __local float partial[64];
     const int ch = (int)get_group_id(0);
@@ -417,11 +417,11 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_data_n2_i18
 }
 
 // ---------------------------------------------------------------------------
-// pool1_bwd_avg_2x2s2
+// pool1_bwd_avg_2x2s2_n2
 // gradient of pool1 with respect to its input conv1
 // tiny.cnn:7: pool1 = avgpool(conv1, size=2, stride=2)
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) pool1_bwd_avg_2x2s2(__global const float* restrict x, __global const float* restrict y, __global const float* restrict dy, __global float* restrict dx)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) pool1_bwd_avg_2x2s2_n2(__global const float* restrict x, __global const float* restrict y, __global const float* restrict dy, __global float* restrict dx)
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 100) return;
@@ -459,11 +459,11 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) conv1_relu_bwd_n10
 }
 
 // ---------------------------------------------------------------------------
-// conv1_bias_grad_k2
+// conv1_bias_grad_k2_n2
 // gradient of conv1's biases: sum over cases and pixels
 // tiny.cnn:6: conv1 = conv(data, filters=2, size=3, padding=1) relu
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) conv1_bias_grad_k2(__global const float* restrict dy, __global float* restrict db)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) conv1_bias_grad_k2_n2(__global const float* restrict dy, __global float* restrict db)
 {
     __local float partial[64];
     const int ch = (int)get_group_id(0);
@@ -564,34 +564,6 @@ __kernel void __attribute__((reqd_work_group_size(2, 1, 1))) conv1_bwd_filter_n2
 }
 
 // ---------------------------------------------------------------------------
-// sgd_update_n54
-// momentum SGD step on 54 values
-// ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n54(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
-{
-    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
-    if (idx >= 54) return;
-    const float weight = w[idx];
-    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
-    inc[idx] = step;
-    w[idx] = weight + step;
-}
-
-// ---------------------------------------------------------------------------
-// sgd_update_n3
-// momentum SGD step on 3 values
-// ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n3(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
-{
-    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
-    if (idx >= 3) return;
-    const float weight = w[idx];
-    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
-    inc[idx] = step;
-    w[idx] = weight + step;
-}
-
-// ---------------------------------------------------------------------------
 // sgd_update_n18
 // momentum SGD step on 18 values
 // ---------------------------------------------------------------------------
@@ -613,6 +585,34 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n2(__gl
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 2) return;
+    const float weight = w[idx];
+    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
+    inc[idx] = step;
+    w[idx] = weight + step;
+}
+
+// ---------------------------------------------------------------------------
+// sgd_update_n54
+// momentum SGD step on 54 values
+// ---------------------------------------------------------------------------
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n54(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+{
+    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
+    if (idx >= 54) return;
+    const float weight = w[idx];
+    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
+    inc[idx] = step;
+    w[idx] = weight + step;
+}
+
+// ---------------------------------------------------------------------------
+// sgd_update_n3
+// momentum SGD step on 3 values
+// ---------------------------------------------------------------------------
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n3(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+{
+    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
+    if (idx >= 3) return;
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;

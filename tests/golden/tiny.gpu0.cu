@@ -89,11 +89,11 @@ extern "C" __global__ void __launch_bounds__(16) conv1_fwd_n2_c1_k2_3x3(const fl
 }
 
 // ---------------------------------------------------------------------------
-// pool1_fwd_avg_2x2s2
+// pool1_fwd_avg_2x2s2_n2
 // forward of pool1: avg pooling 2x2, stride 2
 // tiny.cnn:7: pool1 = avgpool(conv1, size=2, stride=2)
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) pool1_fwd_avg_2x2s2(const float* __restrict__ x, float* __restrict__ y)
+extern "C" __global__ void __launch_bounds__(256) pool1_fwd_avg_2x2s2_n2(const float* __restrict__ x, float* __restrict__ y)
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 36) return;
@@ -242,11 +242,11 @@ extern "C" __global__ void __launch_bounds__(256) cost_softmax_logreg_bwd_n2_c3(
 }
 
 // ---------------------------------------------------------------------------
-// fc2_bias_grad_k3
+// fc2_bias_grad_k3_n2
 // gradient of fc2's biases: sum over cases
 // tiny.cnn:8: fc2 = fc(pool1, outputs=3)
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) fc2_bias_grad_k3(const float* __restrict__ dy, float* __restrict__ db)
+extern "C" __global__ void __launch_bounds__(256) fc2_bias_grad_k3_n2(const float* __restrict__ dy, float* __restrict__ db)
 {
     __shared__ float partial[256];
     const int ch = blockIdx.x;
@@ -418,11 +418,11 @@ extern "C" __global__ void __launch_bounds__(8) fc2_bwd_data_n2_i18_o3(const flo
 }
 
 // ---------------------------------------------------------------------------
-// pool1_bwd_avg_2x2s2
+// pool1_bwd_avg_2x2s2_n2
 // gradient of pool1 with respect to its input conv1
 // tiny.cnn:7: pool1 = avgpool(conv1, size=2, stride=2)
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) pool1_bwd_avg_2x2s2(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dy, float* __restrict__ dx)
+extern "C" __global__ void __launch_bounds__(256) pool1_bwd_avg_2x2s2_n2(const float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ dy, float* __restrict__ dx)
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 100) return;
@@ -460,11 +460,11 @@ extern "C" __global__ void __launch_bounds__(256) conv1_relu_bwd_n100(const floa
 }
 
 // ---------------------------------------------------------------------------
-// conv1_bias_grad_k2
+// conv1_bias_grad_k2_n2
 // gradient of conv1's biases: sum over cases and pixels
 // tiny.cnn:6: conv1 = conv(data, filters=2, size=3, padding=1) relu
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) conv1_bias_grad_k2(const float* __restrict__ dy, float* __restrict__ db)
+extern "C" __global__ void __launch_bounds__(256) conv1_bias_grad_k2_n2(const float* __restrict__ dy, float* __restrict__ db)
 {
     __shared__ float partial[256];
     const int ch = blockIdx.x;
@@ -565,34 +565,6 @@ extern "C" __global__ void __launch_bounds__(4) conv1_bwd_filter_n2_c1_k2_3x3(co
 }
 
 // ---------------------------------------------------------------------------
-// sgd_update_n54
-// momentum SGD step on 54 values
-// ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) sgd_update_n54(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
-{
-    const int idx = blockIdx.x * 256 + threadIdx.x;
-    if (idx >= 54) return;
-    const float weight = w[idx];
-    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
-    inc[idx] = step;
-    w[idx] = weight + step;
-}
-
-// ---------------------------------------------------------------------------
-// sgd_update_n3
-// momentum SGD step on 3 values
-// ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) sgd_update_n3(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
-{
-    const int idx = blockIdx.x * 256 + threadIdx.x;
-    if (idx >= 3) return;
-    const float weight = w[idx];
-    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
-    inc[idx] = step;
-    w[idx] = weight + step;
-}
-
-// ---------------------------------------------------------------------------
 // sgd_update_n18
 // momentum SGD step on 18 values
 // ---------------------------------------------------------------------------
@@ -614,6 +586,34 @@ extern "C" __global__ void __launch_bounds__(256) sgd_update_n2(float* __restric
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 2) return;
+    const float weight = w[idx];
+    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
+    inc[idx] = step;
+    w[idx] = weight + step;
+}
+
+// ---------------------------------------------------------------------------
+// sgd_update_n54
+// momentum SGD step on 54 values
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) sgd_update_n54(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+{
+    const int idx = blockIdx.x * 256 + threadIdx.x;
+    if (idx >= 54) return;
+    const float weight = w[idx];
+    const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
+    inc[idx] = step;
+    w[idx] = weight + step;
+}
+
+// ---------------------------------------------------------------------------
+// sgd_update_n3
+// momentum SGD step on 3 values
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) sgd_update_n3(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+{
+    const int idx = blockIdx.x * 256 + threadIdx.x;
+    if (idx >= 3) return;
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;

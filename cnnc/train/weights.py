@@ -1,0 +1,71 @@
+"""Parameter files: what `cnnc run` saves, `cnnc export` writes and `cnnc run --init` reads.
+
+One float32 array per parameter, named by layer: `<layer>.weights` and
+`<layer>.biases` (`<layer>.weights.<i>` for the i-th input of a layer with
+several).  Files are written atomically; anything unreadable or not matching
+the network is a one-line WeightsError naming the file and the problem.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from cnnc.build import write_atomic
+from cnnc.plan.schedule import Plan
+
+WEIGHTS_FILE = "weights.npz"
+
+
+class WeightsError(Exception):
+    """A parameter file that cannot be used, in one line."""
+
+
+def save_weights(path: Path, params: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in params.items()})
+    write_atomic(path, buf.getvalue())
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a .npz parameter file, or a WeightsError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such parameter file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise WeightsError(f"{path}: not a readable .npz parameter file ({e.__class__.__name__})") from None
+    for k, v in out.items():
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            raise WeightsError(f"{path}: array '{k}' is not finite floating-point data")
+    return out
+
+
+def weights_for(plan: Plan, path: Path) -> dict[str, np.ndarray]:
+    """Read a parameter file and check it has exactly the network's parameters and shapes."""
+    values = read_weights(path)
+    expected = {p.export_name: tuple(p.shape) for p in plan.parameters}
+    missing = sorted(set(expected) - set(values))
+    extra = sorted(set(values) - set(expected))
+    if missing:
+        raise WeightsError(f"{path}: no array for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                           f"(network '{plan.network}')")
+    if extra:
+        raise WeightsError(f"{path}: arrays {', '.join(extra[:4])} are not parameters of '{plan.network}'")
+    for name, shape in expected.items():
+        if values[name].shape != shape:
+            raise WeightsError(f"{path}: '{name}' has shape {values[name].shape}, the network needs {shape}")
+    return {k: v.astype(np.float32) for k, v in values.items()}
+
+
+def export(save_dir: Path, out: Path) -> list[str]:
+    """Copy a run's parameters to `out`; returns the parameter names."""
+    values = read_weights(save_dir)
+    save_weights(out, values)
+    return sorted(values)

@@ -1,0 +1,197 @@
+"""The equivalence property (DESIGN §3.7): a training step under any placement equals the
+single-device step, on the reference backend and on OpenCL with logical devices."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnc.backends import make_backend
+from cnnc.backends.reference_ops import REFERENCE_OPS as OPS
+from cnnc.build import compile_network
+from cnnc.diagnostics import CompileError
+from cnnc.executor import Executor, initial_parameters
+from cnnc.plan.summary import summarize
+
+NET = """
+network par
+input data: 3x8x8
+input labels: label(4)
+train {{ batch = 8; lr = 0.05; momentum = 0.9; weight_decay = 0.001; seed = 5; init_w = 0.1 }}
+{conv1}conv1 = conv(data, filters=6, size=3, padding=1) relu
+{pool1}pool1 = maxpool(conv1, size=2, stride=2)
+{fc2}fc2 = fc(pool1, outputs=10) tanh {{ update_period = {period} }}
+{fc3}fc3 = fc(fc2, outputs=4) {{ update_period = {period} }}
+{probs}probs = softmax(fc3)
+cost = logreg(labels, probs)
+"""
+
+PLACEMENTS = {
+    "single": {},
+    "data-2": {"conv1": "@gpu(0,1)"},
+    "data-4-reversed": {"conv1": "@gpu(3,2,1,0)"},
+    "model": {"conv1": "@gpu(0)", "pool1": "@gpu(1)", "fc2": "@gpu(0)", "fc3": "@gpu(2)", "probs": "@gpu(1)"},
+    "hybrid-4-to-1": {"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0)"},
+    "hybrid-4-to-1-moved": {"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(1)", "fc3": "@gpu(2)"},
+    "hybrid-4-to-2": {"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(1,0)"},
+    "same-device-replicas": {"conv1": "@gpu(0,1)", "fc2": "@gpu(1)"},
+}
+
+
+def source(placement: dict, period: int = 0) -> str:
+    fields = {k: "" for k in ("conv1", "pool1", "fc2", "fc3", "probs")}
+    fields.update({k: v + " " for k, v in placement.items()})
+    return NET.format(period=period, **fields)
+
+
+def batches(steps: int):
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.integers(0, 4, 8).astype(np.int32))
+            for _ in range(steps)]
+
+
+def train(src: str, backend: str, steps: int, tmp: Path, gpus=(0, 1, 2, 3)):
+    out = tmp / f"b{abs(hash((src, backend)))}"
+    plan = compile_network(src, "par.cnn", out, use_nvcc=False).plan
+    ex = Executor(plan, make_backend(backend, plan, out, list(gpus)))
+    losses = [ex.train_step(x, y, i / steps)[0] for i, (x, y) in enumerate(batches(steps))]
+    return np.concatenate(losses), ex.parameters(), ex.replica_parameters(), plan
+
+
+def assert_same_training(a, b):
+    (la, pa, _, _), (lb, pb, rb, _) = a, b
+    np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-6)
+    for name in pa:
+        scale = float(np.abs(pa[name]).max())
+        np.testing.assert_allclose(pb[name], pa[name], rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+    for name, replicas in rb.items():          # replicas stay identical, bit for bit
+        for r in replicas[1:]:
+            assert (r == replicas[0]).all(), name
+
+
+@pytest.fixture(scope="module")
+def single_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    return {steps: train(source({}), "reference", steps, tmp) for steps in (1, 3)}
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("name", [n for n in PLACEMENTS if n != "single"])
+def test_placement_equals_single_device_on_reference(name, steps, single_reference, tmp_path):
+    assert_same_training(single_reference[steps], train(source(PLACEMENTS[name]), "reference", steps, tmp_path))
+
+
+@pytest.mark.parametrize("name", ["data-2", "model", "hybrid-4-to-1", "hybrid-4-to-2"])
+def test_placement_equals_single_device_on_opencl(name, single_reference, tmp_path):
+    assert_same_training(single_reference[3], train(source(PLACEMENTS[name]), "opencl", 3, tmp_path))
+
+
+def test_logical_devices_on_one_physical_device(single_reference, tmp_path):
+    """--gpus 0,0,0,0: four logical devices share one device, same numbers."""
+    got = train(source(PLACEMENTS["hybrid-4-to-1"]), "reference", 3, tmp_path, gpus=(0, 0, 0, 0))
+    assert_same_training(single_reference[3], got)
+
+
+def test_accumulating_two_of_four_passes_matches_by_hand(tmp_path):
+    """update_period = 2 on a 4-pass fc: two updates per minibatch, each from half the cases."""
+    check_against_hand_computation(tmp_path, period=2)
+
+
+def test_update_every_pass_matches_by_hand(tmp_path):
+    """update_period = 1: the fc layers update after every pass, the conv once per minibatch."""
+    check_against_hand_computation(tmp_path, period=1)
+
+
+def check_against_hand_computation(tmp_path: Path, period: int):
+    src = source(PLACEMENTS["hybrid-4-to-1"], period=period)
+    [(x, y)] = batches(1)
+    _, got, _, plan = train(src, "reference", 1, tmp_path)
+    w = {k: v.astype(np.float64).reshape(-1) for k, v in initial_parameters(plan).items()}
+    inc = {k: np.zeros_like(v) for k, v in w.items()}
+    B, b = 8, 2
+
+    def sgd(name, g, cases, decay):
+        inc[name] = 0.9 * inc[name] - 0.05 * (g / cases + decay * w[name])
+        w[name] = w[name] + inc[name]
+
+    conv = dict(N=B, C=3, H=8, W=8, K=6, R=3, S=3, P=8, Q=8, stride=1, pad=1, neuron={"name": "relu"})
+    pool = dict(N=B, C=6, H=8, W=8, P=4, Q=4, size=2, stride=2, start=0, mode="max")
+    fc2 = dict(N=b, I=96, O=10, neuron={"name": "tanh", "a": 1.0, "b": 1.0})
+    fc3 = dict(N=b, I=10, O=4, neuron={"name": "ident"})
+    c1, p1 = np.zeros(B * 6 * 64), np.zeros(B * 96)
+    OPS["conv_fwd"](conv, x.reshape(-1).astype(np.float64), w["conv1.weights"], w["conv1.biases"], c1)
+    OPS["pool_fwd"](pool, c1, p1)
+    dp1 = np.zeros_like(p1)
+    grads = {k: np.zeros_like(v) for k, v in w.items() if k.startswith("fc")}
+    for s in range(4):                       # the fc part, one share per pass
+        xs, ys = p1[s * b * 96:(s + 1) * b * 96], y[s * b:(s + 1) * b]
+        h2, h3, pr = np.zeros(b * 10), np.zeros(b * 4), np.zeros(b * 4)
+        OPS["fc_fwd"](fc2, xs, w["fc2.weights"], w["fc2.biases"], h2)
+        OPS["fc_fwd"](fc3, h2, w["fc3.weights"], w["fc3.biases"], h3)
+        OPS["softmax_fwd"](dict(N=b, C=4), h3, pr)
+        d3, d2 = np.zeros(b * 4), np.zeros(b * 10)
+        OPS["softmax_logreg_bwd"](dict(N=b, C=4, coeff=1.0), ys, pr, d3)
+        for layer, inp, d, q in (("fc3", h2, d3, fc3), ("fc2", xs, None, fc2)):
+            if layer == "fc2":
+                OPS["neuron_bwd"](dict(n=b * 10, neuron=fc2["neuron"]), h2, d2)
+                d = d2
+            gw, gb = np.zeros(q["I"] * q["O"]), np.zeros(q["O"])
+            OPS["fc_bwd_filter"](q, inp, d, gw)
+            OPS["bias_grad"](dict(N=b, K=q["O"], inner=1), d, gb)
+            if layer == "fc3":
+                OPS["fc_bwd_data"](q, w["fc3.weights"], d, d2)
+            else:
+                OPS["fc_bwd_data"](q, w["fc2.weights"], d, dp1[s * b * 96:(s + 1) * b * 96])
+            grads[f"{layer}.weights"] += gw
+            grads[f"{layer}.biases"] += gb
+        if (s + 1) % period == 0:
+            for name, g in grads.items():
+                sgd(name, g, b * period, 0.001 if name.endswith("weights") else 0.0)
+                g[:] = 0
+    dc1 = np.zeros_like(c1)
+    OPS["pool_bwd"](pool, c1, p1, dp1, dc1)
+    OPS["neuron_bwd"](dict(n=c1.size, neuron=conv["neuron"]), c1, dc1)
+    gw, gb = np.zeros_like(w["conv1.weights"]), np.zeros(6)
+    OPS["conv_bwd_filter"](conv, x.reshape(-1).astype(np.float64), dc1, gw)
+    OPS["bias_grad"](dict(N=B, K=6, inner=64), dc1, gb)
+    sgd("conv1.weights", gw, B, 0.001)
+    sgd("conv1.biases", gb, B, 0.0)
+    for name, v in w.items():
+        np.testing.assert_allclose(got[name].reshape(-1), v, rtol=1e-4, atol=1e-6, err_msg=name)
+    # and it really differs from accumulating the whole minibatch
+    _, whole, _, _ = train(source(PLACEMENTS["hybrid-4-to-1"]), "reference", 1, tmp_path)
+    assert not np.allclose(whole["fc2.weights"], got["fc2.weights"], rtol=1e-6, atol=0)
+
+
+def test_hybrid_plan_reports_passes_and_transfers(tmp_path):
+    plan = compile_network(source(PLACEMENTS["hybrid-4-to-1"], period=1), "par.cnn", tmp_path,
+                           use_nvcc=False).plan
+    s = summarize(plan)
+    layers = {l["name"]: l for l in s["layers"]}
+    assert layers["conv1"]["devices"] == [0, 1, 2, 3] and layers["conv1"]["passes"] == 1
+    assert layers["fc2"]["devices"] == [0] and layers["fc2"]["passes"] == 4 and layers["fc2"]["update_period"] == 1
+    moved = {(t["from"], t["to"]): t for t in s["transfers"]}
+    share = 2 * 96 * 4                       # one share of pool1's output, in bytes
+    for src in (1, 2, 3):
+        assert moved[(src, 0)]["activation_bytes"] == share               # pool1 share to the fc
+        assert moved[(0, src)]["activation_bytes"] == share               # its gradient back
+        assert moved[(src, 0)]["collective_bytes"] > 0                    # conv1 gradient exchange
+
+
+@pytest.mark.parametrize("placement, message", [
+    ({"conv1": "@gpu(0,1)", "fc2": "@gpu(0,1,2,3)"},
+     "fc2 has 4 replicas but its input pool1 has 2: a layer's replica count must divide its inputs'"),
+    ({"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0,1)", "fc3": "@gpu(0)"},
+     "fc2 has 2 replicas; cnnc plans two levels of replication per network (here 4 and 1)"),
+])
+def test_placement_restrictions_are_located_errors(placement, message, tmp_path):
+    with pytest.raises(CompileError) as e:
+        compile_network(source(placement), "par.cnn", tmp_path, use_nvcc=False)
+    d = e.value.diagnostics[0]
+    assert message in d.message and d.span is not None
+
+
+def test_update_period_must_divide_passes(tmp_path):
+    with pytest.raises(CompileError, match="update_period = 3 does not divide the 4 pass"):
+        compile_network(source(PLACEMENTS["hybrid-4-to-1"], period=3), "par.cnn", tmp_path, use_nvcc=False)
