@@ -26,6 +26,9 @@ class Site:
     params: dict[str, str] = field(default_factory=dict)     # parameter name -> buffer
     grads: dict[str, str] = field(default_factory=dict)      # parameter name -> gradient buffer
     emit: Callable[..., None] = print   # emit(kernel_name, op, params, args, writes, summary)
+    training: bool = True               # False in the test program (dropout passes values through)
+    share: int = 0                      # which share of the minibatch: cases share*cases ..
+    alloc: Callable[..., str] = print   # alloc(what, size, dtype="f32") -> a buffer of this replica
 
     def launch(self, tag: str, op: str, params: dict, args: tuple[str, ...], writes: tuple[str, ...],
                summary: str) -> None:
@@ -124,9 +127,9 @@ def forward_softmax(site: Site) -> None:
                 (site.output,), f"forward of {site.layer.name}: softmax over {q['C']} values")
 
 
-def forward_logreg(site: Site, probs_size: int, loss: str, correct: str) -> None:
+def forward_logreg(site: Site, loss: str, correct: str) -> None:
     l = site.layer
-    q = dict(N=site.cases, C=probs_size, top_k=l.args["top_k"])
+    q = dict(N=site.cases, C=l.in_shapes[1].size, top_k=l.args["top_k"])
     site.launch(f"logreg_fwd_n{q['N']}_c{q['C']}", "logreg_fwd", q, (site.inputs[0], site.inputs[1], loss, correct),
                 (loss, correct), f"cost {l.name}: -log p(label) and top-{q['top_k']} correctness per case")
 
@@ -197,11 +200,14 @@ def backward_softmax(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) ->
                 f"gradient of softmax {site.layer.name} with respect to {site.layer.inputs[0]}")
 
 
-def backward_logreg(site: Site, probs_size: int, dx: str, accumulate: bool, through_softmax: str | None) -> None:
+def backward_logreg(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
     """The cost's gradient: with respect to the probabilities, or, when `through_softmax`
     names the softmax feeding it, directly with respect to that softmax's input."""
     l = site.layer
-    q = dict(N=site.cases, C=probs_size, coeff=l.args["coeff"], accumulate=accumulate)
+    if dxs[1] is None:
+        return
+    dx, accumulate = dxs[1]
+    q = dict(N=site.cases, C=l.in_shapes[1].size, coeff=l.args["coeff"], accumulate=accumulate)
     acc = "_acc" if accumulate else ""
     labels, probs = site.inputs
     if through_softmax:
@@ -211,6 +217,12 @@ def backward_logreg(site: Site, probs_size: int, dx: str, accumulate: bool, thro
         site.launch(f"logreg_bwd_n{q['N']}_c{q['C']}{acc}", "logreg_bwd", q, (labels, probs, dx), (dx,),
                     f"gradient of cost {l.name} with respect to {l.inputs[1]}")
 
+
+# costs: forward(site, loss, correct); backward(site, dxs, fused softmax name or None)
+COST_FORWARD = {"logreg": forward_logreg}
+COST_BACKWARD = {"logreg": backward_logreg}
+# costs that may be differentiated through the softmax feeding them: kind -> index of that input
+FUSES_SOFTMAX = {"logreg": 1}
 
 FORWARD = {"conv": forward_weighted, "fc": forward_weighted, "maxpool": forward_pool, "avgpool": forward_pool,
            "softmax": forward_softmax}

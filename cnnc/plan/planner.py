@@ -213,14 +213,21 @@ class _Planner:
 
     # -- the plan ----------------------------------------------------------------
     def build(self) -> Plan:
-        net = self.net
-        for l in net.layers:
+        for l in self.net.layers:
             if KINDS[l.kind].has_weights:
                 self.declare_parameters(l)
+        train = self.schedule(training=True)
+        test = self.schedule(training=False)
+        return self.assemble(train, test)
+
+    def schedule(self, training: bool) -> list[_Step]:
+        """The global order of one program: the training step, or the forward-only test pass."""
+        self.steps, self.mirrors, self.grad_writes = [], set(), defaultdict(int)
+        self.training = training
         needs = self.trainable_upstream()
-        high = [l for l in net.layers if l.name in self.high]
-        low = [l for l in net.layers if l.name not in self.high]
-        self.phase = "forward"
+        high = [l for l in self.net.layers if l.name in self.high]
+        low = [l for l in self.net.layers if l.name not in self.high]
+        self.phase, self.pass_ = "forward", 0
         for l in high:
             for j, d in enumerate(l.gpus):
                 self.forward(l, j, 0, d)
@@ -230,6 +237,8 @@ class _Planner:
             for l in low:
                 for j, d in enumerate(l.gpus):
                     self.forward(l, j, p, d)
+            if not training:
+                continue
             self.phase = "backward"
             for l in reversed(low):
                 for j, d in enumerate(l.gpus):
@@ -237,15 +246,16 @@ class _Planner:
             for l in low:
                 if l.train and (p + 1) % self.period(l) == 0:
                     self.update(l, p)
-        self.pass_ = self.P - 1          # the layers that run once go on after the last pass
-        self.phase = "backward"
-        for l in reversed(high):
-            for j, d in enumerate(l.gpus):
-                self.backward(l, j, 0, d, needs)
-        for l in high:
-            if l.train:
-                self.update(l, self.P - 1)
-        return self.assemble()
+        if training:
+            self.pass_ = self.P - 1          # the layers that run once go on after the last pass
+            self.phase = "backward"
+            for l in reversed(high):
+                for j, d in enumerate(l.gpus):
+                    self.backward(l, j, 0, d, needs)
+            for l in high:
+                if l.train:
+                    self.update(l, self.P - 1)
+        return self.steps
 
     def trainable_upstream(self) -> set[str]:
         """Layers that have weights, or have a layer with weights upstream: they need gradients."""
@@ -277,9 +287,12 @@ class _Planner:
 
         def emit(name, op, params, args, writes, summary):
             self.launch(d, self.kernel(name, op, params, l, summary), args, writes)
+        def alloc(what: str, size: int, dtype: str = "f32") -> str:
+            return self.buffer(self.own(l, what, j), d, size, "scratch", l.name, dtype)
         out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
         return lowering.Site(l, d, self.b, [self.activation(i, s, d) for i in l.inputs], out,
-                             {q.name: q.buffers[j] for q in mine}, {q.name: q.grads[j] for q in mine}, emit)
+                             {q.name: q.buffers[j] for q in mine}, {q.name: q.grads[j] for q in mine}, emit,
+                             self.training, s, alloc)
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, l: Layer, j: int, p: int, d: int) -> None:
@@ -287,7 +300,7 @@ class _Planner:
         site = self.site(l, j, d, s)
         if KINDS[l.kind].is_cost:
             loss, correct = self.cost_outputs(l, s, d)
-            lowering.forward_logreg(site, self.net.node(l.inputs[1]).shape.size, loss, correct)
+            lowering.COST_FORWARD[l.kind](site, loss, correct)
         else:
             lowering.FORWARD[l.kind](site)
 
@@ -326,19 +339,31 @@ class _Planner:
             finish()
 
     def fused_with_cost(self, softmax: Layer) -> bool:
+        """A softmax whose only consumer is a cost that can be differentiated through it."""
         consumers = self.net.consumers(softmax.name)
-        return len(consumers) == 1 and consumers[0].kind == "logreg" and consumers[0].inputs[1] == softmax.name
+        return (len(consumers) == 1 and consumers[0].kind in lowering.FUSES_SOFTMAX
+                and consumers[0].inputs[lowering.FUSES_SOFTMAX[consumers[0].kind]] == softmax.name)
 
     def backward_cost(self, l: Layer, s: int, d: int, needs: set[str]) -> None:
-        probs = self.net.node(l.inputs[1])
-        fused = self.fused_with_cost(probs)
-        target = probs.inputs[0] if fused else probs.name
-        if target not in needs:
-            return
         site = self.site(l, self.holder(l, s)[0], d, s)
-        dx, acc, finish = self.contribution(target, s, d)
-        lowering.backward_logreg(site, probs.shape.size, dx, acc, probs.name if fused else None)
-        finish()
+        fused = None
+        if l.kind in lowering.FUSES_SOFTMAX:
+            probs = self.net.node(l.inputs[lowering.FUSES_SOFTMAX[l.kind]])
+            if isinstance(probs, Layer) and probs.kind == "softmax" and self.fused_with_cost(probs):
+                fused = probs
+        targets, finishes = [], []
+        for i, name in enumerate(l.inputs):
+            target = fused.inputs[0] if fused is not None and name == fused.name else name
+            if target in needs:
+                dx, acc, finish = self.contribution(target, s, d)
+                targets.append((dx, acc))
+                finishes.append(finish)
+            else:
+                targets.append(None)
+        if any(targets):
+            lowering.COST_BACKWARD[l.kind](site, targets, fused.name if fused is not None else None)
+        for finish in finishes:
+            finish()
 
     # -- exchange and update -----------------------------------------------------------
     def update(self, l: Layer, p: int) -> None:
@@ -385,10 +410,10 @@ class _Planner:
                     self.copy(q.grads[c], q.grads[j], hi - lo, src_offset=lo, dst_offset=lo)
 
     # -- programs ------------------------------------------------------------------------
-    def assemble(self) -> Plan:
+    def assemble(self, train_steps: list[_Step], test_steps: list[_Step]) -> Plan:
         net = self.net
-        train = split_by_device(self.steps)
-        test = split_by_device([s for s in self.steps if s.op.phase == "forward"])
+        train = split_by_device(train_steps)
+        test = split_by_device(test_steps)
         costs = []
         for l in net.layers:
             if KINDS[l.kind].is_cost:
