@@ -195,3 +195,69 @@ def test_placement_restrictions_are_located_errors(placement, message, tmp_path)
 def test_update_period_must_divide_passes(tmp_path):
     with pytest.raises(CompileError, match="update_period = 3 does not divide the 4 pass"):
         compile_network(source(PLACEMENTS["hybrid-4-to-1"], period=3), "par.cnn", tmp_path, use_nvcc=False)
+
+
+# ---------------------------------------------------------------- pipelining
+
+PIPE = {
+    "gpipe-4-stages": ("microbatches = 4", {"conv1": "@gpu(0)", "fc2": "@gpu(1)", "fc3": "@gpu(2)",
+                                            "probs": "@gpu(3)"}),
+    "1f1b-4-stages": ("microbatches = 4; pipeline = one_f_one_b",
+                      {"conv1": "@gpu(0)", "fc2": "@gpu(1)", "fc3": "@gpu(2)", "probs": "@gpu(3)"}),
+    "1f1b-data-parallel-stages": ("microbatches = 2; pipeline = one_f_one_b",
+                                  {"conv1": "@gpu(0,1)", "fc2": "@gpu(2,3)"}),
+}
+
+
+def pipelined(settings: str, placement: dict) -> str:
+    return source(placement).replace("init_w = 0.1 }", f"init_w = 0.1; {settings} }}")
+
+
+@pytest.mark.parametrize("name", list(PIPE))
+def test_pipeline_equals_single_device_on_reference(name, single_reference, tmp_path):
+    assert_same_training(single_reference[3], train(pipelined(*PIPE[name]), "reference", 3, tmp_path))
+
+
+def test_pipeline_equals_single_device_on_opencl(single_reference, tmp_path):
+    assert_same_training(single_reference[3], train(pipelined(*PIPE["1f1b-4-stages"]), "opencl", 3, tmp_path))
+
+
+def program_order(plan, device):
+    return [(op.phase[0].upper(), op.pass_) for op in plan.programs["train"][device]
+            if op.kind == "launch" and op.phase in ("forward", "backward")]
+
+
+def collapse(seq):
+    out = []
+    for item in seq:
+        if not out or out[-1] != item:
+            out.append(item)
+    return out
+
+
+def test_pipeline_orders(tmp_path):
+    gpipe = compile_network(pipelined(*PIPE["gpipe-4-stages"]), "p.cnn", tmp_path / "g", use_nvcc=False).plan
+    assert collapse(program_order(gpipe, 0)) == [("F", m) for m in range(4)] + [("B", m) for m in range(4)]
+    ofob = compile_network(pipelined(*PIPE["1f1b-4-stages"]), "p.cnn", tmp_path / "o", use_nvcc=False).plan
+    # the first stage warms up with three forwards, the last alternates from the start
+    assert collapse(program_order(ofob, 0)) == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("B", 1),
+                                                ("B", 2), ("B", 3)]
+    assert collapse(program_order(ofob, 2))[:4] == [("F", 0), ("F", 1), ("B", 0), ("F", 2)]
+    assert collapse(program_order(ofob, 3))[:4] == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+    # 1F1B keeps fewer micro-batches of activations: stage k of K keeps K - k, GPipe all four
+    acts = lambda plan, layer: sum(b.nbytes for b in plan.buffers.values()
+                                   if b.layer == layer and b.role == "activation")
+    assert acts(ofob, "probs") * 4 == acts(gpipe, "probs")
+    assert acts(ofob, "fc3") * 2 == acts(gpipe, "fc3")
+
+
+@pytest.mark.parametrize("settings, placement, message", [
+    ("microbatches = 2", {"conv1": "@gpu(0,1)", "fc2": "@gpu(0)"},
+     "with microbatches = 2 every layer needs the same number of devices"),
+    ("microbatches = 2", {"conv1": "@gpu(0)", "fc2": "@gpu(1)", "fc3": "@gpu(0)"},
+     "fc3 returns to @gpu(0) after other devices"),
+])
+def test_pipeline_restrictions(settings, placement, message, tmp_path):
+    with pytest.raises(CompileError) as e:
+        compile_network(pipelined(settings, placement), "p.cnn", tmp_path, use_nvcc=False)
+    assert message in e.value.diagnostics[0].message and e.value.diagnostics[0].span is not None

@@ -17,6 +17,13 @@ GLOBAL_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
     "batch": ("int", 1, 128),
     "epochs": ("int", 1, 10),
     "seed": ("int", 0, 0),
+    "microbatches": ("int", 1, 1),            # pipelining: micro-batches per minibatch
+    "pipeline": ("choice", None, "gpipe"),    # order of micro-batches: gpipe | one_f_one_b
+    "exchange": ("choice", None, "round_robin"),   # hybrid exchange: all_gather | round_robin | scatter
+}
+CHOICES = {
+    "pipeline": ("gpipe", "one_f_one_b"),
+    "exchange": ("all_gather", "round_robin", "scatter"),
 }
 LAYER_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
     "lr": ("schedule", 0, Schedule("const", 0.01)),
@@ -45,6 +52,14 @@ def _number(v: ast.Value, typ: str, minimum, what: str, fail: Callable):
     if minimum is not None and v.value < minimum:
         fail(f"{what} must be at least {minimum:g}", v.span)
     return int(v.value) if typ == "int" else float(v.value)
+
+
+def _choice(v: ast.Value, what: str, choices: tuple[str, ...], fail: Callable) -> str:
+    if not isinstance(v, ast.NameRef) or v.name not in choices:
+        got = v.name if isinstance(v, ast.NameRef) else None
+        fail(f"{what} must be one of {', '.join(choices)}", v.span,
+             did_you_mean(got, choices) if got else None)
+    return v.name
 
 
 def _schedule(v: ast.Value, what: str, fail: Callable) -> Schedule:
@@ -82,8 +97,12 @@ def read_settings(settings: tuple[ast.Setting, ...], allowed: dict, fail: Callab
         if s.name in out:
             fail(f"setting '{s.name}' given twice", s.span)
         typ, minimum, _ = spec
-        out[s.name] = _schedule(s.value, s.name, fail) if typ == "schedule" else \
-            _number(s.value, typ, minimum, s.name, fail)
+        if typ == "schedule":
+            out[s.name] = _schedule(s.value, s.name, fail)
+        elif typ == "choice":
+            out[s.name] = _choice(s.value, s.name, CHOICES[s.name], fail)
+        else:
+            out[s.name] = _number(s.value, typ, minimum, s.name, fail)
     return out
 
 

@@ -78,21 +78,31 @@ class _Planner:
                 self.fail(l, f"the consumers of {l.name} have different replica counts ("
                           + ", ".join(f"{c.name}: {len(c.gpus)}" for c in consumers) + ")")
         counts = sorted({len(l.gpus) for l in net.layers})
-        self.S = counts[-1]
+        self.M = int(net.settings.get("microbatches", 1))
+        if self.M > 1 and len(counts) > 1:
+            l = next(l for l in net.layers if len(l.gpus) != counts[-1])
+            self.fail(l, f"with microbatches = {self.M} every layer needs the same number of devices; "
+                      f"{l.name} has {len(l.gpus)}, others {counts[-1]}",
+                      "pipelining and hybrid parallelism do not mix in one network")
+        self.S = counts[-1] * self.M
         if len(counts) > 2:
             l = next(l for l in net.layers if len(l.gpus) not in (counts[0], counts[-1]))
             self.fail(l, f"{l.name} has {len(l.gpus)} replicas; cnnc plans two levels of replication per "
                       f"network (here {counts[-1]} and {counts[0]})",
                       f"use {counts[-1]} or {counts[0]} devices for {l.name}")
-        self.P = counts[-1] // counts[0]
+        self.P = counts[-1] // counts[0] * self.M
         if net.batch % self.S:
             self.fail(net.layers[0], f"the batch of {net.batch} cases cannot be split into {self.S} equal shares",
                       f"make the batch a multiple of {self.S}")
         self.b = net.batch // self.S
         self.high = {l.name for l in net.layers if self.P > 1 and len(l.gpus) == self.S}
         self.multi_device = len({d for l in net.layers for d in l.gpus}) > 1
+        self.stages = self.pipeline_stages() if self.M > 1 else []
         for l in net.layers:
             period = l.train.update_period if l.train else 0
+            if self.M > 1 and period not in (0, self.M):
+                self.fail(l, f"update_period = {period}: a pipelined network updates once per minibatch",
+                          f"remove update_period, or set it to {self.M}")
             if period and self.passes(l) % period:
                 self.fail(l, f"update_period = {period} does not divide the {self.passes(l)} pass(es) "
                           f"{l.name} runs per minibatch")
@@ -111,6 +121,34 @@ class _Planner:
         j = s // self.passes(l)
         return j, l.gpus[j]
 
+    def pipeline_stages(self) -> list[list[Layer]]:
+        """Consecutive layers on the same devices form a stage; each device set must be one stage."""
+        stages: list[list[Layer]] = []
+        for l in self.net.layers:
+            if stages and stages[-1][0].gpus == l.gpus:
+                stages[-1].append(l)
+            elif any(st[0].gpus == l.gpus for st in stages):
+                self.fail(l, f"{l.name} returns to @gpu({','.join(map(str, l.gpus))}) after other devices: "
+                          f"a pipelined network must be a chain of stages, one per device set",
+                          "place consecutive layers on the same devices")
+            else:
+                stages.append([l])
+        return stages
+
+    def slots(self, l: Layer) -> int:
+        """How many micro-batches' activations a layer keeps: all of them for GPipe; for 1F1B
+        at most the number of stages from this one to the last (micro-batches in flight)."""
+        if self.M == 1:
+            return 1
+        if self.net.settings.get("pipeline", "gpipe") == "one_f_one_b":
+            k = next(i for i, st in enumerate(self.stages) if l in st)
+            return min(self.M, len(self.stages) - k)
+        return self.M
+
+    def slot(self, l: Layer) -> str:
+        n = self.slots(l)
+        return f".m{self.pass_ % n}" if n > 1 else ""
+
     # -- buffers ---------------------------------------------------------------
     def buffer(self, id: str, device: int, size: int, role: str, layer: str, dtype: str = "f32") -> str:
         old = self.buffers.get(id)
@@ -128,10 +166,12 @@ class _Planner:
                (f"@{d}" if d is not None and self.multi_device else "")
 
     def out(self, l: Layer, j: int) -> str:
-        return self.buffer(self.own(l, "out", j), l.gpus[j], self.b * l.shape.size, "activation", l.name)
+        return self.buffer(self.own(l, "out", j) + self.slot(l), l.gpus[j], self.b * l.shape.size, "activation",
+                           l.name)
 
     def grad(self, l: Layer, j: int) -> str:
-        return self.buffer(self.own(l, "grad", j), l.gpus[j], self.b * l.shape.size, "gradient", l.name)
+        return self.buffer(self.own(l, "grad", j) + self.slot(l), l.gpus[j], self.b * l.shape.size, "gradient",
+                           l.name)
 
     # -- emitting ops ----------------------------------------------------------
     def emit(self, device: int, op: Op, writes: tuple[str, ...]) -> None:
@@ -170,8 +210,8 @@ class _Planner:
         if home == d:
             return src
         high = name in self.high or self.P == 1
-        mirror = self.buffer(f"{name}.out{'.s%d' % s if high and self.S > 1 else ''}@{d}", d, size, "mirror",
-                             name)
+        mirror = self.buffer(f"{name}.out{'.s%d' % s if high and self.S > 1 else self.slot(node)}@{d}", d, size,
+                             "mirror", name)
         key = (mirror, -1 if high else self.pass_)
         if key not in self.mirrors:
             self.mirrors.add(key)
@@ -192,13 +232,14 @@ class _Planner:
             self.grad_writes[key] += 1
             return target, acc, lambda: None
         size = self.b * node.shape.size
-        temp = self.buffer(f"{name}.grad{self.tag(s, d)}", d, size, "staging", name)
+        temp = self.buffer(f"{name}.grad{self.tag(s, d)}", d, size, "staging", name)   # one per share
 
         def finish():
             if self.grad_writes[key] == 0:
                 self.copy(temp, target, size)
             else:
-                inbox = self.buffer(f"{name}.grad.in{self.tag(None, home)}", home, size, "staging", name)
+                inbox = self.buffer(f"{name}.grad.in{self.slot(node)}{self.tag(None, home)}", home, size, "staging",
+                                    name)
                 self.copy(temp, inbox, size)
                 k = self.kernel(f"add_n{size}", "eltsum_fwd", dict(n=size, coeff=1.0, accumulate=True), None,
                                 f"add a gradient contribution of {size} values")
@@ -225,6 +266,8 @@ class _Planner:
         self.steps, self.mirrors, self.grad_writes = [], set(), defaultdict(int)
         self.training = training
         needs = self.trainable_upstream()
+        if self.M > 1:
+            return self.pipeline_schedule(training, needs)
         high = [l for l in self.net.layers if l.name in self.high]
         low = [l for l in self.net.layers if l.name not in self.high]
         self.phase, self.pass_ = "forward", 0
@@ -255,6 +298,61 @@ class _Planner:
             for l in high:
                 if l.train:
                     self.update(l, self.P - 1)
+        return self.steps
+
+    def pipeline_schedule(self, training: bool, needs: set[str]) -> list[_Step]:
+        """Micro-batches flowing through the stages, in GPipe order (all forwards, then all
+        backwards) or 1F1B order (after a warm-up, one forward and one backward in turn).
+
+        Each stage's sequence is fixed by the order; the global order interleaves the
+        stages as early as their inputs allow, so the per-device programs overlap."""
+        K, M = len(self.stages), self.M
+        order = self.net.settings.get("pipeline", "gpipe")
+        sequences = []
+        for k in range(K):
+            if not training:
+                seq = [("F", m) for m in range(M)]
+            elif order == "one_f_one_b":
+                warm = min(M, K - k - 1)
+                seq = [("F", m) for m in range(warm)]
+                for m in range(M - warm):
+                    seq += [("F", warm + m), ("B", m)]
+                seq += [("B", m) for m in range(M - warm, M)]
+            else:
+                seq = [("F", m) for m in range(M)] + [("B", m) for m in range(M)]
+            sequences.append(seq)
+        done: set[tuple[str, int, int]] = set()
+        position = [0] * K
+        while any(position[k] < len(sequences[k]) for k in range(K)):
+            progressed = False
+            for k in range(K):
+                if position[k] == len(sequences[k]):
+                    continue
+                what, m = sequences[k][position[k]]
+                ready = (("F", k - 1, m) in done or k == 0) if what == "F" else \
+                    (("F", k, m) in done and (k == K - 1 or ("B", k + 1, m) in done))
+                if not ready:
+                    continue
+                self.pass_ = m
+                if what == "F":
+                    self.phase = "forward"
+                    for l in self.stages[k]:
+                        for j, d in enumerate(l.gpus):
+                            self.forward(l, j, m, d)
+                else:
+                    self.phase = "backward"
+                    for l in reversed(self.stages[k]):
+                        for j, d in enumerate(l.gpus):
+                            self.backward(l, j, m, d, needs)
+                done.add((what, k, m))
+                position[k] += 1
+                progressed = True
+            assert progressed, "pipeline schedule deadlocked"
+        if training:
+            self.pass_ = M - 1
+            for l in self.net.layers:
+                if l.train:
+                    self.update(l, M - 1)
         return self.steps
 
     def trainable_upstream(self) -> set[str]:
@@ -288,7 +386,7 @@ class _Planner:
         def emit(name, op, params, args, writes, summary):
             self.launch(d, self.kernel(name, op, params, l, summary), args, writes)
         def alloc(what: str, size: int, dtype: str = "f32") -> str:
-            return self.buffer(self.own(l, what, j), d, size, "scratch", l.name, dtype)
+            return self.buffer(self.own(l, what, j) + self.slot(l), d, size, "scratch", l.name, dtype)
         out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
         return lowering.Site(l, d, self.b, [self.activation(i, s, d) for i in l.inputs], out,
                              {q.name: q.buffers[j] for q in mine}, {q.name: q.grads[j] for q in mine}, emit,
