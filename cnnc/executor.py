@@ -93,8 +93,8 @@ class Executor:
             b.copy(self.handles[op.src], src.device, op.src_offset, self.handles[op.dst], device, op.dst_offset,
                    op.count)
         elif op.kind == "upload":
-            n = self.plan.share_size
-            data = self.host[op.input][op.share * n:(op.share + 1) * n]
+            host = self.host[op.input]
+            data = np.concatenate([host[start:start + count] for start, count in op.cases])
             b.upload(self.handles[op.dst], np.ascontiguousarray(data).reshape(-1))
         elif op.kind == "record":
             b.record(op.event, device)
@@ -134,9 +134,15 @@ class Executor:
     def cost_outputs(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-case loss and correctness of the first cost layer, in minibatch order."""
         self.backend.synchronize()
-        c = self.plan.costs[0]
-        return (np.concatenate([self.read(b) for b in c["loss"]]),
-                np.concatenate([self.read(b) for b in c["correct"]]))
+        loss, correct = np.zeros(self.plan.batch, np.float32), np.zeros(self.plan.batch, np.float32)
+        for out in self.plan.costs[0]["outputs"]:
+            values = self.read(out["loss"]), self.read(out["correct"])
+            at = 0
+            for start, count in out["cases"]:
+                loss[start:start + count] = values[0][at:at + count]
+                correct[start:start + count] = values[1][at:at + count]
+                at += count
+        return loss, correct
 
     def train_step(self, x: np.ndarray, y: np.ndarray, progress: float) -> tuple[np.ndarray, np.ndarray]:
         """Forward, backward, gradient exchange and updates on one minibatch;

@@ -261,3 +261,40 @@ def test_pipeline_restrictions(settings, placement, message, tmp_path):
     with pytest.raises(CompileError) as e:
         compile_network(pipelined(settings, placement), "p.cnn", tmp_path, use_nvcc=False)
     assert message in e.value.diagnostics[0].message and e.value.diagnostics[0].span is not None
+
+
+# ---------------------------------------------------------------- exchange schemes
+
+@pytest.mark.parametrize("scheme", ["all_gather", "round_robin", "scatter"])
+def test_exchange_schemes_equal_single_device(scheme, tmp_path):
+    """Krizhevsky's three ways to feed the fc part of a hybrid net; with the whole minibatch
+    accumulated per update, all equal the single-device step."""
+    def src(placement):
+        text = source(placement).replace("batch = 8", "batch = 16")
+        return text.replace("init_w = 0.1 }", f"init_w = 0.1; exchange = {scheme} }}")
+
+    def train16(text, backend):
+        out = tmp_path / f"b{abs(hash(text))}"
+        plan = compile_network(text, "par.cnn", out, use_nvcc=False).plan
+        ex = Executor(plan, make_backend(backend, plan, out, [0, 1, 2, 3]))
+        rng = np.random.default_rng(1)
+        losses = []
+        for i in range(2):
+            x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+            y = rng.integers(0, 4, 16).astype(np.int32)
+            losses.append(ex.train_step(x, y, i / 2)[0])
+        return np.concatenate(losses), ex.parameters(), ex.replica_parameters(), plan
+
+    single = train16(src({}), "reference")
+    for placement in ({"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(1)"}, {"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0,1)"}):
+        hybrid = train16(src(placement), "reference")
+        assert_same_training(single, hybrid)
+        layers = {l.layer: l for l in hybrid[3].layers}
+        assert layers["fc2"].passes == (1 if scheme == "all_gather" else 4 // len(layers["fc2"].devices))
+
+
+def test_scatter_needs_divisible_shares(tmp_path):
+    text = source({"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0)"}).replace(
+        "init_w = 0.1 }", "init_w = 0.1; exchange = scatter }")
+    with pytest.raises(CompileError, match="exchange = scatter sends 1/4 of each replica's 2 cases"):
+        compile_network(text, "par.cnn", tmp_path, use_nvcc=False)

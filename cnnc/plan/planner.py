@@ -95,7 +95,15 @@ class _Planner:
             self.fail(net.layers[0], f"the batch of {net.batch} cases cannot be split into {self.S} equal shares",
                       f"make the batch a multiple of {self.S}")
         self.b = net.batch // self.S
-        self.high = {l.name for l in net.layers if self.P > 1 and len(l.gpus) == self.S}
+        self.hybrid = self.M == 1 and self.P > 1
+        self.G = 1                     # shares a low replica gathers into one pass (all-gather exchange)
+        self.scheme = net.settings.get("exchange", "round_robin") if self.hybrid else "round_robin"
+        if self.scheme == "all_gather":
+            self.G, self.P = self.P, 1
+        if self.scheme == "scatter" and self.b % self.S:
+            self.fail(net.layers[0], f"exchange = scatter sends 1/{self.S} of each replica's {self.b} cases to every "
+                      f"pass, so the batch must be a multiple of {self.S * self.S}")
+        self.high = {l.name for l in net.layers if self.hybrid and len(l.gpus) == self.S}
         self.multi_device = len({d for l in net.layers for d in l.gpus}) > 1
         self.stages = self.pipeline_stages() if self.M > 1 else []
         for l in net.layers:
@@ -120,6 +128,36 @@ class _Planner:
         """(replica, device) of layer l that processes share s."""
         j = s // self.passes(l)
         return j, l.gpus[j]
+
+    def pieces(self, l: Layer, j: int, p: int) -> list[tuple[int, int, int]]:
+        """The cases replica j of l handles in pass p, as (share, offset in share, count) pieces.
+
+        High layers and plain data/model parallelism: one whole share.  Low layers of a
+        hybrid network, by exchange scheme (Krizhevsky 2014, §4): round_robin, one whole
+        share per pass; all_gather, all of the replica's shares in one pass; scatter, a
+        1/S slice of every share in each pass."""
+        if l.name in self.high or not self.hybrid or self.scheme == "round_robin":
+            return [(self.share(l, j, p), 0, self.b)]
+        if self.scheme == "all_gather":
+            return [(j * self.G + q, 0, self.b) for q in range(self.G)]
+        n = self.b // self.S
+        return [(r, (j * self.P + p) * n, n) for r in range(self.S)]
+
+    def cases(self, l: Layer) -> int:
+        return sum(c for _, _, c in self.pieces(l, 0, 0))
+
+    def piece_tag(self, pieces: list[tuple[int, int, int]]) -> str:
+        if len(pieces) == 1 and pieces[0][1:] == (0, self.b):
+            return f".s{pieces[0][0]}" if self.S > 1 else ""
+        if all(o == 0 for _, o, _ in pieces):
+            return f".s{pieces[0][0]}to{pieces[-1][0]}"
+        return f".slice{pieces[0][1]}"
+
+    def case_ranges(self, pieces) -> tuple[tuple[int, int], ...]:
+        return tuple((s * self.b + o, c) for s, o, c in pieces)
+
+    def same_level(self, a: Layer, b: Layer) -> bool:
+        return (a.name in self.high) == (b.name in self.high)
 
     def pipeline_stages(self) -> list[list[Layer]]:
         """Consecutive layers on the same devices form a stage; each device set must be one stage."""
@@ -166,12 +204,12 @@ class _Planner:
                (f"@{d}" if d is not None and self.multi_device else "")
 
     def out(self, l: Layer, j: int) -> str:
-        return self.buffer(self.own(l, "out", j) + self.slot(l), l.gpus[j], self.b * l.shape.size, "activation",
-                           l.name)
+        return self.buffer(self.own(l, "out", j) + self.slot(l), l.gpus[j], self.cases(l) * l.shape.size,
+                           "activation", l.name)
 
     def grad(self, l: Layer, j: int) -> str:
-        return self.buffer(self.own(l, "grad", j) + self.slot(l), l.gpus[j], self.b * l.shape.size, "gradient",
-                           l.name)
+        return self.buffer(self.own(l, "grad", j) + self.slot(l), l.gpus[j], self.cases(l) * l.shape.size,
+                           "gradient", l.name)
 
     # -- emitting ops ----------------------------------------------------------
     def emit(self, device: int, op: Op, writes: tuple[str, ...]) -> None:
@@ -194,58 +232,108 @@ class _Planner:
                              dst_offset=dst_offset, phase=self.phase, pass_=self.pass_), (dst,))
 
     # -- activations: where share s of a node is readable on device d ------------
-    def activation(self, name: str, s: int, d: int) -> str:
+    def activation(self, name: str, consumer: Layer, j: int, p: int, d: int) -> str:
+        """A buffer on device d holding `name`'s output for the cases replica j of `consumer`
+        handles in pass p: its own buffer, or a mirror filled by copies (or uploads, for inputs)."""
         node = self.net.node(name)
-        size = self.b * node.shape.size
+        pieces = self.pieces(consumer, j, p)
+        per_case = node.shape.size
         if isinstance(node, Input):
             dtype, role = ("i32", "labels") if node.kind == "labels" else ("f32", "input")
-            buf = self.buffer(f"{name}.out{self.tag(s, d)}", d, size, role, name, dtype)
-            if (buf, -1) not in self.mirrors:          # one buffer per share: uploaded once per minibatch
+            buf = self.buffer(f"{name}.out{self.piece_tag(pieces)}{self.tag(None, d)}", d,
+                              sum(c for _, _, c in pieces) * per_case, role, name, dtype)
+            if (buf, -1) not in self.mirrors:          # one buffer per set of cases: uploaded once per minibatch
                 self.mirrors.add((buf, -1))
-                self.emit(d, Op("upload", stream="copy", input=name, share=s, dst=buf, phase=self.phase,
-                                pass_=self.pass_), (buf,))
+                self.emit(d, Op("upload", stream="copy", input=name, cases=self.case_ranges(pieces), dst=buf,
+                                phase=self.phase, pass_=self.pass_), (buf,))
             return buf
-        j, home = self.holder(node, s)
-        src = self.out(node, j)
-        if home == d:
-            return src
-        high = name in self.high or self.P == 1
-        mirror = self.buffer(f"{name}.out{'.s%d' % s if high and self.S > 1 else self.slot(node)}@{d}", d, size,
+        if self.same_level(node, consumer):             # replica j of the one reads replica j of the other
+            src, home = self.out(node, j), node.gpus[j]
+            if home == d:
+                return src
+            once = name in self.high or self.P == 1
+            tag = self.piece_tag(pieces) if once else self.slot(node)
+            mirror = self.buffer(f"{name}.out{tag}@{d}", d, self.cases(node) * per_case, "mirror", name)
+            key = (mirror, -1 if once else self.pass_)
+            if key not in self.mirrors:
+                self.mirrors.add(key)
+                self.copy(src, mirror, self.cases(node) * per_case)
+            return mirror
+        if len(pieces) == 1 and pieces[0][1:] == (0, self.b):     # a whole share of a high layer
+            jn, home = self.holder(node, pieces[0][0])
+            if home == d:
+                return self.out(node, jn)
+        mirror = self.buffer(f"{name}.out{self.piece_tag(pieces)}@{d}", d, sum(c for _, _, c in pieces) * per_case,
                              "mirror", name)
-        key = (mirror, -1 if high else self.pass_)
-        if key not in self.mirrors:
-            self.mirrors.add(key)
-            self.copy(src, mirror, size)
+        if (mirror, -1) not in self.mirrors:
+            self.mirrors.add((mirror, -1))
+            at = 0
+            for s, o, c in pieces:
+                jn, _ = self.holder(node, s)
+                self.copy(self.out(node, jn), mirror, c * per_case, src_offset=o * per_case, dst_offset=at)
+                at += c * per_case
         return mirror
 
-    def contribution(self, name: str, s: int, d: int):
-        """Where a consumer on device d writes its gradient for share s of `name`.
+    def contribution(self, name: str, consumer: Layer, j: int, p: int, d: int):
+        """Where replica j of `consumer` (on device d, pass p) writes its gradient for `name`.
 
         Returns (buffer, accumulate, finish); `finish()` must be called after the
-        consumer's kernel to move a contribution made on another device home."""
+        consumer's kernel to move a contribution made elsewhere home, adding it to
+        what earlier consumers contributed, in a fixed order."""
         node = self.net.node(name)
-        j, home = self.holder(node, s)
-        target = self.grad(node, j)
-        key = self.grad_key(node, target)
-        if home == d:
-            acc = self.grad_writes[key] > 0
-            self.grad_writes[key] += 1
-            return target, acc, lambda: None
-        size = self.b * node.shape.size
-        temp = self.buffer(f"{name}.grad{self.tag(s, d)}", d, size, "staging", name)   # one per share
+        pieces = self.pieces(consumer, j, p)
+        per_case = node.shape.size
+        if self.same_level(node, consumer) or (len(pieces) == 1 and pieces[0][1:] == (0, self.b)):
+            jn = j if self.same_level(node, consumer) else self.holder(node, pieces[0][0])[0]
+            target, home = self.grad(node, jn), node.gpus[jn]
+            key = self.grad_key(node, target)
+            if home == d:
+                acc = self.written(node, target)
+                self.grad_writes[key] += 1
+                return target, acc, lambda: None
+            size = self.cases(node) * per_case
+            temp = self.buffer(f"{name}.grad{self.piece_tag(pieces)}{self.slot(node)}{self.tag(None, d)}", d, size,
+                               "staging", name)
 
-        def finish():
-            if self.grad_writes[key] == 0:
-                self.copy(temp, target, size)
-            else:
-                inbox = self.buffer(f"{name}.grad.in{self.slot(node)}{self.tag(None, home)}", home, size, "staging",
-                                    name)
-                self.copy(temp, inbox, size)
-                k = self.kernel(f"add_n{size}", "eltsum_fwd", dict(n=size, coeff=1.0, accumulate=True), None,
-                                f"add a gradient contribution of {size} values")
-                self.launch(home, k, (inbox, target), (target,))
-            self.grad_writes[key] += 1
-        return temp, False, finish
+            def finish():
+                if not self.written(node, target):
+                    self.copy(temp, target, size)
+                else:
+                    inbox = self.buffer(f"{name}.grad.in{self.slot(node)}{self.tag(None, home)}", home, size,
+                                        "staging", name)
+                    self.copy(temp, inbox, size)
+                    k = self.kernel(f"add_n{size}", "eltsum_fwd", dict(n=size, coeff=1.0, accumulate=True), None,
+                                    f"add a gradient contribution of {size} values")
+                    self.launch(home, k, (inbox, target), (target,))
+                self.grad_writes[key] += 1
+            return temp, False, finish
+        # several pieces of a high layer's shares (all_gather / scatter exchange)
+        temp = self.buffer(f"{name}.grad{self.piece_tag(pieces)}{self.tag(None, d)}", d,
+                           sum(c for _, _, c in pieces) * per_case, "staging", name)
+
+        def finish_pieces():
+            at = 0
+            for s, o, c in pieces:
+                jn, home = self.holder(node, s)
+                target, n = self.grad(node, jn), c * per_case
+                if not self.written(node, target, o):
+                    self.copy(temp, target, n, src_offset=at, dst_offset=o * per_case)
+                else:                       # target[o..] = target[o..] + piece, in that order
+                    stage = self.buffer(f"{name}.grad.in{n}{self.tag(None, home)}", home, 2 * n, "staging", name)
+                    self.copy(target, stage, n, src_offset=o * per_case)
+                    self.copy(temp, stage, n, src_offset=at, dst_offset=n)
+                    k = self.kernel(f"replica_sum_r2_n{n}_at{o * per_case}", "replica_sum",
+                                    dict(R=2, n=n, offset=o * per_case), None, f"add a gradient piece of {n} values")
+                    self.launch(home, k, (stage, target), (target,))
+                self.regions.setdefault(target, set()).add(o)
+                at += n
+        return temp, False, finish_pieces
+
+    def written(self, node: Layer, target: str, region: int | None = None) -> bool:
+        """Has anything been written to this gradient buffer (or to this region of it) yet?"""
+        regions = self.regions.get(target, set())
+        whole = self.grad_writes[self.grad_key(node, target)] > 0
+        return whole or (region in regions if region is not None else bool(regions))
 
     def grad_key(self, node: Layer, target: str) -> tuple[str, int]:
         """Counts contributions to a gradient buffer: per pass for layers that run every pass,
@@ -264,6 +352,7 @@ class _Planner:
     def schedule(self, training: bool) -> list[_Step]:
         """The global order of one program: the training step, or the forward-only test pass."""
         self.steps, self.mirrors, self.grad_writes = [], set(), defaultdict(int)
+        self.regions: dict[str, set[int]] = {}
         self.training = training
         needs = self.trainable_upstream()
         if self.M > 1:
@@ -379,8 +468,8 @@ class _Planner:
             self.params.append(Parameter(l.name, what, tuple(bufs), tuple(grads), tuple(incs), shape, init,
                                          len(self.params)))
 
-    def site(self, l: Layer, j: int, d: int, s: int) -> lowering.Site:
-        """Replica j of l on device d, working on share s: its buffers and a way to launch kernels."""
+    def site(self, l: Layer, j: int, d: int, p: int) -> lowering.Site:
+        """Replica j of l on device d in pass p: its buffers and a way to launch kernels."""
         mine = [q for q in self.params if q.layer == l.name]
 
         def emit(name, op, params, args, writes, summary):
@@ -388,46 +477,47 @@ class _Planner:
         def alloc(what: str, size: int, dtype: str = "f32") -> str:
             return self.buffer(self.own(l, what, j) + self.slot(l), d, size, "scratch", l.name, dtype)
         out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
-        return lowering.Site(l, d, self.b, [self.activation(i, s, d) for i in l.inputs], out,
+        ranges = self.case_ranges(self.pieces(l, j, p))
+        site = lowering.Site(l, d, self.cases(l), [self.activation(i, l, j, p, d) for i in l.inputs], out,
                              {q.name: q.buffers[j] for q in mine}, {q.name: q.grads[j] for q in mine}, emit,
-                             self.training, s, alloc)
+                             self.training, ranges[0][0] // self.cases(l), alloc)
+        site.case_ranges = ranges
+        return site
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, l: Layer, j: int, p: int, d: int) -> None:
-        s = self.share(l, j, p)
-        site = self.site(l, j, d, s)
+        site = self.site(l, j, d, p)
         if KINDS[l.kind].is_cost:
-            loss, correct = self.cost_outputs(l, s, d)
+            loss, correct = self.cost_outputs(l, j, p)
             lowering.COST_FORWARD[l.kind](site, loss, correct)
         else:
             lowering.FORWARD[l.kind](site)
 
-    def cost_outputs(self, l: Layer, s: int, d: int) -> tuple[str, str]:
-        tag = f".s{s}" if self.S > 1 else ""
-        return (self.buffer(f"{l.name}.loss{tag}", d, self.b, "cost", l.name),
-                self.buffer(f"{l.name}.correct{tag}", d, self.b, "cost", l.name))
+    def cost_outputs(self, l: Layer, j: int, p: int) -> tuple[str, str]:
+        tag, d, n = self.piece_tag(self.pieces(l, j, p)), l.gpus[j], self.cases(l)
+        return (self.buffer(f"{l.name}.loss{tag}", d, n, "cost", l.name),
+                self.buffer(f"{l.name}.correct{tag}", d, n, "cost", l.name))
 
     # -- backward --------------------------------------------------------------------
     def backward(self, l: Layer, j: int, p: int, d: int, needs: set[str]) -> None:
-        s = self.share(l, j, p)
         if KINDS[l.kind].is_cost:
-            self.backward_cost(l, s, d, needs)
+            self.backward_cost(l, j, p, d, needs)
             return
         if l.name not in needs:
             return
         dy = self.grad(l, j)
-        if self.grad_writes[self.grad_key(l, dy)] == 0:
+        if not self.written(l, dy):
             return          # its output reaches no cost
         if l.kind == "softmax" and self.fused_with_cost(l):
             return          # differentiated together with the cost
-        site = self.site(l, j, d, s)
+        site = self.site(l, j, d, p)
         lowering.neuron_backward(site, dy)
         if KINDS[l.kind].has_weights:
             lowering.weight_gradients(site, dy, accumulate=p % self.period(l) != 0)
         targets, finishes = [], []
         for name in l.inputs:
             if name in needs:
-                dx, acc, finish = self.contribution(name, s, d)
+                dx, acc, finish = self.contribution(name, l, j, p, d)
                 targets.append((dx, acc))
                 finishes.append(finish)
             else:
@@ -442,8 +532,8 @@ class _Planner:
         return (len(consumers) == 1 and consumers[0].kind in lowering.FUSES_SOFTMAX
                 and consumers[0].inputs[lowering.FUSES_SOFTMAX[consumers[0].kind]] == softmax.name)
 
-    def backward_cost(self, l: Layer, s: int, d: int, needs: set[str]) -> None:
-        site = self.site(l, self.holder(l, s)[0], d, s)
+    def backward_cost(self, l: Layer, j: int, p: int, d: int, needs: set[str]) -> None:
+        site = self.site(l, j, d, p)
         fused = None
         if l.kind in lowering.FUSES_SOFTMAX:
             probs = self.net.node(l.inputs[lowering.FUSES_SOFTMAX[l.kind]])
@@ -453,7 +543,7 @@ class _Planner:
         for i, name in enumerate(l.inputs):
             target = fused.inputs[0] if fused is not None and name == fused.name else name
             if target in needs:
-                dx, acc, finish = self.contribution(target, s, d)
+                dx, acc, finish = self.contribution(target, l, j, p, d)
                 targets.append((dx, acc))
                 finishes.append(finish)
             else:
@@ -466,7 +556,7 @@ class _Planner:
     # -- exchange and update -----------------------------------------------------------
     def update(self, l: Layer, p: int) -> None:
         t = l.train
-        cases = self.b * len(l.gpus) * self.period(l)
+        cases = self.cases(l) * len(l.gpus) * self.period(l)
         for q in (q for q in self.params if q.layer == l.name):
             if q.name == "biases":
                 lr, mom, wd = t.lr_bias, t.momentum_bias, 0.0
@@ -515,10 +605,14 @@ class _Planner:
         costs = []
         for l in net.layers:
             if KINDS[l.kind].is_cost:
-                shares = range(self.S)
-                costs.append({"layer": l.name, "coeff": l.args["coeff"], "top_k": l.args["top_k"],
-                              "loss": [self.cost_outputs(l, s, self.holder(l, s)[1])[0] for s in shares],
-                              "correct": [self.cost_outputs(l, s, self.holder(l, s)[1])[1] for s in shares]})
+                outputs = []
+                for j in range(len(l.gpus)):
+                    for p in range(self.passes(l)):
+                        loss, correct = self.cost_outputs(l, j, p)
+                        outputs.append({"loss": loss, "correct": correct,
+                                        "cases": [list(c) for c in self.case_ranges(self.pieces(l, j, p))]})
+                costs.append({"layer": l.name, "coeff": l.args.get("coeff", 1.0), "top_k": l.args.get("top_k", 1),
+                              "outputs": outputs})
         image = next(i for i in net.inputs if i.kind == "image")
         labels = next((i for i in net.inputs if i.kind == "labels"), None)
         placements = [LayerPlacement(l.name, l.kind, l.gpus, self.passes(l),

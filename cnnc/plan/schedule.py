@@ -53,7 +53,8 @@ class Op:
       launch   run `kernel` on `args` (buffer ids in op-argument order) and
                `scalars` (numbers, or schedule dicts evaluated at the current progress)
       copy     `count` elements from `src`[src_offset:] to `dst`[dst_offset:] (dst is on this device)
-      upload   the host's cases of share `share` of input `input` into `dst`
+      upload   the host's minibatch cases `cases` ((start, count) ranges, concatenated) of
+               input `input` into `dst`
       record   mark `event` once everything before it on this device is done
       wait     do nothing more on this device until `event` is recorded
     """
@@ -69,7 +70,7 @@ class Op:
     dst_offset: int = 0
     count: int = 0
     input: str = ""
-    share: int = 0
+    cases: tuple[tuple[int, int], ...] = ()
     event: str = ""
     phase: str = ""            # forward | backward | exchange | update (for people and summaries)
     pass_: int = 0
@@ -82,12 +83,13 @@ class Op:
     def to_json(self) -> dict:
         full = asdict(self)
         full["args"] = list(self.args)
+        full["cases"] = [list(c) for c in self.cases]
         default = Op("x")
         return {k: v for k, v in full.items() if k == "kind" or v != getattr(default, k) and v != []}
 
     @staticmethod
     def from_json(d: dict) -> "Op":
-        return Op(**dict(d, args=tuple(d.get("args", ()))))
+        return Op(**dict(d, args=tuple(d.get("args", ())), cases=tuple(tuple(c) for c in d.get("cases", ()))))
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class Plan:
     parameters: list[Parameter]
     programs: dict[str, dict[int, list[Op]]]      # "train" | "test" -> logical device -> ops
     inputs: dict[str, str]               # input name -> "image" | "labels"
-    costs: list[dict[str, Any]]          # {"layer", "loss": [buffer per share], "correct": [...], "coeff", "top_k"}
+    costs: list[dict[str, Any]]          # {"layer", "coeff", "top_k", "outputs": [{"loss", "correct", "cases"}]}
     layers: list[LayerPlacement] = field(default_factory=list)
     image_shape: tuple[int, int, int] = (1, 1, 1)
     classes: int = 0

@@ -41,7 +41,7 @@ def _describe(op: Op, plan: Plan, resources: dict) -> dict:
     elif op.kind == "copy":
         row.update(src=op.src, dst=op.dst, bytes=4 * op.count, src_device=plan.buffers[op.src].device)
     elif op.kind == "upload":
-        row.update(input=op.input, share=op.share, dst=op.dst, bytes=plan.buffers[op.dst].nbytes)
+        row.update(input=op.input, cases=[list(c) for c in op.cases], dst=op.dst, bytes=plan.buffers[op.dst].nbytes)
     else:
         row.update(event=op.event)
     return row
@@ -98,7 +98,8 @@ def _op_line(r: dict) -> str:
     if r["op"] == "copy":
         return f"copy {r['src']} (device {r['src_device']}) -> {r['dst']}, {r['bytes']:,} B  [{r['stream']}]"
     if r["op"] == "upload":
-        return f"upload {r['input']} share {r['share']} -> {r['dst']}, {r['bytes']:,} B"
+        cases = ", ".join(f"{a}..{a + n - 1}" for a, n in r["cases"])
+        return f"upload {r['input']} cases {cases} -> {r['dst']}, {r['bytes']:,} B"
     return f"{r['op']} {r['event']}"
 
 
