@@ -15,7 +15,7 @@ import numpy as np
 from cnnc.backends.base import Backend
 from cnnc.ir import Schedule
 from cnnc.ops import OPS, Role
-from cnnc.plan.schedule import Op, Plan
+from cnnc.plan.schedule import Buffer, Op, Plan
 
 
 class ExecutionError(Exception):
@@ -40,10 +40,21 @@ class Executor:
     def __init__(self, plan: Plan, backend: Backend, parameters: dict[str, np.ndarray] | None = None):
         self.plan = plan
         self.backend = backend
-        self.handles = {b.id: backend.alloc(b, b.device) for b in plan.buffers.values()}
+        self.handles = self._allocate()
         self.host: dict[str, np.ndarray] = {}
         self.counters: dict[str, int] = {"seed": plan.seed, "step": 0}   # named integer scalars
         self.set_parameters(parameters if parameters is not None else initial_parameters(plan))
+
+    def _allocate(self) -> dict:
+        """One allocation per storage (buffers with disjoint lifetimes share one), sized for
+        its largest buffer; every buffer id maps to its storage's handle."""
+        biggest: dict[str, Buffer] = {}
+        for b in self.plan.buffers.values():
+            if b.storage not in biggest or b.size > biggest[b.storage].size:
+                biggest[b.storage] = b
+        storage = {s: self.backend.alloc(Buffer(s, b.device, b.size, b.dtype, b.role, b.layer), b.device)
+                   for s, b in biggest.items()}
+        return {b.id: self.backend.view(storage[b.storage], b) for b in self.plan.buffers.values()}
 
     # -- parameters ---------------------------------------------------------------
     def set_parameters(self, values: dict[str, np.ndarray]) -> None:

@@ -27,6 +27,10 @@ class Backend(ABC):
     def alloc(self, buffer: Buffer, device: int) -> Any:
         """Zero-filled device memory for `buffer` on logical device `device`."""
 
+    def view(self, handle: Any, buffer: Buffer) -> Any:
+        """The handle through which `buffer` uses an allocation that may be larger (shared storage)."""
+        return handle
+
     @abstractmethod
     def upload(self, handle: Any, array: np.ndarray) -> None:
         """Copy a host array (of the buffer's size and dtype) into device memory."""

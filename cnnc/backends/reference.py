@@ -21,6 +21,9 @@ class ReferenceBackend(Backend):
     def alloc(self, buffer: Buffer, device: int) -> np.ndarray:
         return np.zeros(buffer.size, DTYPES[buffer.dtype])
 
+    def view(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
+        return handle[:buffer.size]
+
     def upload(self, handle: np.ndarray, array: np.ndarray) -> None:
         handle[...] = np.asarray(array, handle.dtype).reshape(-1)
 

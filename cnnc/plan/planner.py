@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from cnnc.check.kinds import KINDS
 from cnnc.plan import lowering
+from cnnc.plan.memory import assign_storage
 from cnnc.diagnostics import CompileError, Diagnostic
 from cnnc.ir import Input, Layer, Network
 from cnnc.plan.schedule import Buffer, Kernel, LayerPlacement, Op, Parameter, Plan
@@ -617,10 +618,12 @@ class _Planner:
         labels = next((i for i in net.inputs if i.kind == "labels"), None)
         placements = [LayerPlacement(l.name, l.kind, l.gpus, self.passes(l),
                                      self.period(l) if l.train else 0) for l in net.layers]
-        return Plan(net.name, net.batch, net.epochs, net.seed, self.S, self.buffers, self.kernels, self.params,
+        plan = Plan(net.name, net.batch, net.epochs, net.seed, self.S, self.buffers, self.kernels, self.params,
                     {"train": train, "test": test}, {i.name: i.kind for i in net.inputs}, costs, placements,
                     (image.shape.channels, image.shape.height, image.shape.width),
                     labels.classes if labels else 0)
+        assign_storage(plan)
+        return plan
 
 
 def split_by_device(steps: list[_Step]) -> dict[int, list[Op]]:

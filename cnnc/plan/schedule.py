@@ -26,6 +26,11 @@ class Buffer:
     role: str                  # input | labels | activation | gradient | weights | biases | weight_grad |
     #                            momentum | cost | mirror | staging
     layer: str
+    storage: str = ""          # allocation it lives in (shared with buffers whose lifetimes are disjoint)
+
+    def __post_init__(self):
+        if not self.storage:
+            object.__setattr__(self, "storage", self.id)
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from cnnc.plan.memory import storage_bytes
 from cnnc.plan.schedule import Kernel, Op, Plan
 
 
@@ -52,6 +53,7 @@ def summarize(plan: Plan, manifest: dict | None = None) -> dict:
     devices = []
     moved: dict[tuple[int, int], int] = defaultdict(int)
     collective: dict[tuple[int, int], int] = defaultdict(int)
+    allocated = storage_bytes(plan)
     for dev, ops in plan.programs["train"].items():
         rows = [_describe(op, plan, resources) for op in ops]
         for op, row in zip(ops, rows):
@@ -63,7 +65,7 @@ def summarize(plan: Plan, manifest: dict | None = None) -> dict:
             if b.device == dev:
                 memory[b.role] += b.nbytes
         devices.append({"logical": dev, "program": rows, "memory_bytes": dict(memory),
-                        "peak_memory_bytes": sum(memory.values()),
+                        "buffers_bytes": sum(memory.values()), "peak_memory_bytes": allocated.get(dev, 0),
                         "flops_per_step": sum(r.get("flops", 0) for r in rows)})
     n_params = sum(plan.buffers[p.buffers[0]].size for p in plan.parameters)
     pairs = sorted(set(moved) | set(collective))
@@ -112,8 +114,9 @@ def format_summary(s: dict) -> str:
                    f"{l['passes']} pass(es){period}")
     for d in s["devices"]:
         out.append(f"\ndevice {d['logical']}: {d['flops_per_step'] / 1e9:.3f} GFLOP per step, "
-                   f"{_mib(d['peak_memory_bytes'])} of buffers "
-                   f"({', '.join(f'{r} {_mib(n)}' for r, n in sorted(d['memory_bytes'].items()))})")
+                   f"{_mib(d['peak_memory_bytes'])} allocated for {_mib(d['buffers_bytes'])} of buffers "
+                   f"({', '.join(f'{r} {_mib(n)}' for r, n in sorted(d['memory_bytes'].items()))}); "
+                   f"buffers with disjoint lifetimes share storage")
         current = None
         for r in d["program"]:
             head = (r["phase"], r["pass"])
