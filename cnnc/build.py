@@ -4,6 +4,7 @@ Writes a build directory:
 
     gpu<k>.cu, gpu<k>.cl      one translation unit per logical device and dialect
     gpu<k>.sm_XX.cubin        when nvcc is available, per requested architecture
+    source.cnn                the source it was compiled from (cnnc bench recompiles it)
     plan.json                 the schedule the runtime executes
     manifest.json             shapes, parameters, sizes, kernel resources, hashes
 
@@ -14,6 +15,7 @@ manifest's regenerates nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,7 +95,7 @@ def _up_to_date(out_dir: Path, digest: str) -> bool:
 
 def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] = DEFAULT_ARCHS,
                     use_nvcc: bool = True, force: bool = False,
-                    on_stage: Callable[[str], None] | None = None) -> BuildResult:
+                    on_stage: Callable[[str], None] | None = None, batch: int | None = None) -> BuildResult:
     """Compile .cnn source text into `out_dir`; raises CompileError on bad input."""
     for a in archs:
         try:
@@ -101,7 +103,7 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
         except ValueError as e:
             raise CompileError(Diagnostic(str(e), "--arch")) from None
     nvcc = find_nvcc() if use_nvcc else None
-    digest = _inputs_hash(source, archs, nvcc is not None)
+    digest = _inputs_hash(source + f"\n#batch={batch}", archs, nvcc is not None)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CompileError(Diagnostic("the output path exists and is not a directory", str(out_dir)))
@@ -125,6 +127,8 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
 
     program = stage("parse", parse, source, file)
     network = stage("check", check, program)
+    if batch is not None:                      # e.g. cnnc bench --batch: same network, other batch size
+        network = dataclasses.replace(network, batch=batch)
     plan = stage("plan", make_plan, network)
     sources = stage("generate", _generate, plan, network)
 
@@ -135,7 +139,7 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     keep_scratch = False
     try:
         produced: list[str] = []
-        for name, text in sources.items():
+        for name, text in {**sources, "source.cnn": network.source}.items():
             write_atomic(scratch / name, text)
             produced.append(name)
         resources: dict = {}

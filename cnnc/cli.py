@@ -59,6 +59,73 @@ def main() -> None:
     """cnnc: compile convolutional networks to CUDA/OpenCL programs and train them."""
 
 
+def _input_shapes(ctx, param, values: tuple[str, ...]) -> dict:
+    from cnnc.frontend.ccn2 import parse_shape
+
+    shapes: dict = {}
+    for v in values:
+        try:
+            name, dims = parse_shape(v)
+        except ValueError as e:
+            raise click.BadParameter(str(e))
+        if name in shapes:
+            raise click.BadParameter(f"{name or 'the image shape'} is given twice")
+        shapes[name] = dims
+    return shapes
+
+
+def _ccn2_options(fn):
+    """The facts a cuda-convnet2 configuration leaves to its data provider and command line."""
+    fn = click.option("--classes", type=click.IntRange(min=2), default=None,
+                      help="Classes of the labels data layer [default: the size of the softmax feeding "
+                           "the cost layer].")(fn)
+    fn = click.option("--mini", type=click.IntRange(min=1), default=None,
+                      help="Minibatch size, as cuda-convnet2's --mini  [default: 128].")(fn)
+    fn = click.option("--input-shape", "input_shapes", multiple=True, callback=_input_shapes,
+                      metavar="NAME=CxHxW",
+                      help="Shape of an image data layer, e.g. data=3x224x224 (repeatable).")(fn)
+    return fn
+
+
+def _import_ccn2(layers: Path, params: Path, input_shapes: dict, mini: int | None, classes: int | None,
+                 name: str | None):
+    """Import a cuda-convnet2 pair, printing its warnings to stderr."""
+    from cnnc.frontend.ccn2 import DEFAULT_MINI, import_files
+
+    imported = import_files(layers, params, input_shapes, DEFAULT_MINI if mini is None else mini, classes, name)
+    if imported.warnings:
+        click.echo(imported.format_warnings(), err=True)
+    return imported
+
+
+@main.command("import")
+@click.argument("layers", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
+@_ccn2_options
+@click.option("--name", default=None, help="Network name  [default: from the layer file's name].")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The .cnn file to write  [default: standard output].")
+@_guard
+def import_(layers: Path, params: Path, input_shapes, mini: int | None, classes: int | None, name: str | None,
+            out: Path | None) -> None:
+    """Translate a cuda-convnet2 configuration into a .cnn network.
+
+    LAYERS is the layer-definition file (layers-*.cfg), PARAMS the
+    layer-parameter file (layer-params-*.cfg).  The files carry no image size:
+    give every image data layer's shape with --input-shape.
+    """
+    imported = _import_ccn2(layers, params, input_shapes, mini, classes, name)
+    if out is None:
+        click.echo(imported.text, nl=False)
+        return
+    from cnnc.build import write_atomic
+
+    write_atomic(out, imported.text)
+    replicas = "/".join(map(str, imported.replica_levels))
+    click.echo(f"imported {imported.name}: {len(imported.layers)} layers, {replicas} replica(s) per layer "
+               f"-> {out}")
+
+
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -67,12 +134,40 @@ def main() -> None:
               help="GPU architectures for nvcc (repeatable or comma-separated).")
 @click.option("--no-nvcc", is_flag=True, help="Generate sources only, even when nvcc is available.")
 @click.option("--force", is_flag=True, help="Rebuild even when the build directory is up to date.")
+@click.option("--params", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With a cuda-convnet2 layer-definition file as SOURCE: its layer-parameter file.")
+@_ccn2_options
 @_guard
-def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool) -> None:
-    """Compile SOURCE (.cnn) into a build directory."""
-    from cnnc.build import compile_file
+def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool, params: Path | None,
+            input_shapes, mini: int | None, classes: int | None) -> None:
+    """Compile SOURCE into a build directory.
 
-    result = compile_file(source, out_dir, archs=_archs(archs), use_nvcc=not no_nvcc, force=force)
+    SOURCE is a .cnn file, or a cuda-convnet2 layer-definition file (.cfg)
+    given with --params, which is imported first (as by cnnc import); the
+    build directory keeps the imported network as source.cnn.
+    """
+    from cnnc.build import compile_file, compile_network, write_atomic
+
+    ccn2 = params is not None or source.suffix == ".cfg"
+    imported = None
+    if ccn2:
+        if params is None:
+            raise click.UsageError(f"{source} looks like a cuda-convnet2 layer-definition file: give its "
+                                   f"layer-parameter file with --params LAYER-PARAMS.cfg")
+        imported = _import_ccn2(source, params, input_shapes, mini, classes, None)
+        cnn = out_dir / "source.cnn"             # the build keeps the source it compiled under this name
+        try:
+            result = compile_network(imported.text, str(cnn), out_dir, archs=_archs(archs),
+                                     use_nvcc=not no_nvcc, force=force)
+        except CompileError as e:
+            raise imported.relocate(e) from None
+        if not cnn.is_file():
+            write_atomic(cnn, imported.text)
+    else:
+        if input_shapes or mini is not None or classes is not None:
+            raise click.UsageError("--input-shape, --mini and --classes apply to cuda-convnet2 .cfg files "
+                                   "(with --params)")
+        result = compile_file(source, out_dir, archs=_archs(archs), use_nvcc=not no_nvcc, force=force)
     if result.up_to_date:
         click.echo(f"{out_dir}: up to date")
         return
@@ -84,6 +179,8 @@ def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool) -> N
     click.echo(f"  stages: {timing}")
     if not result.nvcc and not no_nvcc:
         click.echo("  nvcc not found: wrote .cu sources without cubins (the cuda backend JIT-compiles them)")
+    if imported is not None:
+        click.echo(f"  imported from {source} and {params} as {out_dir / 'source.cnn'}")
 
 
 @main.command()
@@ -176,6 +273,33 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
         click.echo(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
                    f"test error {ev.test_error * 100:5.2f}%  {ev.images_per_s:8.0f} img/s")
     click.echo(f"metrics: {save_dir / 'metrics.jsonl'}  weights: {save_dir / 'weights.npz'}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "cuda", "opencl", "reference"]), default="auto",
+              show_default=True)
+@click.option("--gpus", default="0", callback=_gpus, show_default=True,
+              help="Physical device for each logical device of the plan.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Recompile the network with this batch size first.")
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed training steps (after two warm-up steps).")
+@click.option("--against", type=click.Choice(["torch"]), default=None,
+              help="Also build and time the same network in PyTorch, side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_guard
+def bench(build_dir: Path, backend: str, gpus: list[int], batch: int | None, steps: int, against: str | None,
+          as_json: bool) -> None:
+    """Time training steps of BUILD_DIR: per layer forward/backward ms and GFLOP/s, images/s."""
+    import dataclasses
+
+    from cnnc.backends import default_backend
+    from cnnc.bench import bench as run_bench, format_bench
+
+    name = default_backend() if backend == "auto" else backend
+    result = run_bench(build_dir, name, gpus, batch, steps, against=against)
+    click.echo(json.dumps(dataclasses.asdict(result), indent=1) if as_json else format_bench(result))
 
 
 @main.command()

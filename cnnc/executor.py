@@ -8,6 +8,7 @@ asynchronously get the record/wait calls too and turn them into real events.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -114,8 +115,11 @@ class Executor:
         else:
             raise ExecutionError(f"unknown op kind {op.kind!r}")
 
-    def run(self, program: str, progress: float = 0.0) -> None:
-        """Run one program: every device's ops in order, honouring cross-device events."""
+    def run(self, program: str, progress: float = 0.0, timer=None) -> None:
+        """Run one program: every device's ops in order, honouring cross-device events.
+
+        With `timer(device, op, seconds)`, every op is timed on its own (the backend is
+        synchronised around it), which is what `cnnc bench` uses for per-layer numbers."""
         programs = self.plan.programs[program]
         position = {d: 0 for d in programs}
         recorded: set[str] = set()
@@ -127,7 +131,14 @@ class Executor:
                     op = ops[position[dev]]
                     if op.kind == "wait" and op.event not in recorded:
                         break
-                    self._execute(dev, op, progress)
+                    if timer is None:
+                        self._execute(dev, op, progress)
+                    else:
+                        self.backend.synchronize()
+                        t0 = time.perf_counter()
+                        self._execute(dev, op, progress)
+                        self.backend.synchronize()
+                        timer(dev, op, time.perf_counter() - t0)
                     if op.kind == "record":
                         recorded.add(op.event)
                     position[dev] += 1
