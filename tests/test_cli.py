@@ -54,7 +54,7 @@ def test_compile_then_up_to_date(tiny_cnn: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"compiled tiny: 5 layers, {len(load_plan(out).kernels)} kernels, 1 device(s) -> {out}/"
-    assert lines[1].split() == ["gpu0.cu", "gpu0.cl", "plan.json", "manifest.json"]
+    assert lines[1].split() == ["gpu0.cu", "gpu0.cl", "source.cnn", "plan.json", "manifest.json"]
     assert re.fullmatch(r"  stages: parse \d+ ms, check \d+ ms, plan \d+ ms, generate \d+ ms", lines[2])
     assert "nvcc not found" not in result.stdout          # --no-nvcc asked for no cubins
     assert result.stderr == ""

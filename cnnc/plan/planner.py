@@ -473,8 +473,8 @@ class _Planner:
         """Replica j of l on device d in pass p: its buffers and a way to launch kernels."""
         mine = [q for q in self.params if q.layer == l.name]
 
-        def emit(name, op, params, args, writes, summary):
-            self.launch(d, self.kernel(name, op, params, l, summary), args, writes)
+        def emit(name, op, params, args, writes, summary, **scalars):
+            self.launch(d, self.kernel(name, op, params, l, summary), args, writes, **scalars)
         def alloc(what: str, size: int, dtype: str = "f32") -> str:
             return self.buffer(self.own(l, what, j) + self.slot(l), d, size, "scratch", l.name, dtype)
         out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
