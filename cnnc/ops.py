@@ -54,6 +54,7 @@ class OpSpec:
     args: tuple[tuple[str, Role], ...]
     params: tuple[str, ...]
     doc: str
+    optional: tuple[str, ...] = ()      # further params that may be left out (see doc for their defaults)
 
     @property
     def arg_names(self) -> tuple[str, ...]:
@@ -66,6 +67,12 @@ _CONV = ("N", "C", "H", "W", "K", "R", "S", "P", "Q", "stride", "pad")
 # optional conv params; absent means groups=1, shared_biases=True (the plain convolution)
 _GROUPS = ("groups", "shared_biases")
 _IMG = ("N", "C", "H", "W")
+# optional params of conv_fwd / fc_fwd for layers with several inputs, one launch per input
+_SUMMED_PARAMS = ("accumulate", "bias")
+_SUMMED = ("With accumulate=True the sum is added to y's old value before the neuron, "
+           "y = neuron(y_old + ...), and with bias=False no bias is added: a layer with several inputs "
+           "runs one launch per input, the first with the bias, later ones accumulating, and only the "
+           "last with the neuron.  Both absent: accumulate=False, bias=True")
 # response normalisation: `scale` is the cuda-convnet2 layer parameter; the op divides it by
 # size (cmrnorm) or size*size (rnorm, cnorm) itself, as cuda-convnet2's layer.py does
 _NORM = _IMG + ("size", "scale", "pow", "min_div")
@@ -76,7 +83,8 @@ OPS: dict[str, OpSpec] = {
         OpSpec("conv_fwd", (("x", I), ("w", I), ("b", I), ("y", O)), _CONV + ("neuron",) + _GROUPS,
                "y[n,k,p,q] = neuron(bias + sum_{c,r,s} w[k,c,r,s] * x[n,g*C/groups+c,p*stride-pad+r,q*stride-pad+s]), "
                "c < C/groups, g = k // (K/groups), x read as 0 outside the image; bias = b[k] "
-               "(shared_biases, the default) or b[k,p,q] (shared_biases=False).  groups defaults to 1"),
+               "(shared_biases, the default) or b[k,p,q] (shared_biases=False).  groups defaults to 1.  " + _SUMMED,
+               optional=_SUMMED_PARAMS),
         OpSpec("conv_bwd_data", (("w", I), ("dy", I), ("dx", O)), _CONV + ("accumulate",) + _GROUPS,
                "dx[n,c,h,w] (+)= sum over (k in c's group, r, s, p, q) with h = p*stride-pad+r, "
                "w = q*stride-pad+s of w[k,c mod C/groups,r,s] * dy[n,k,p,q]"),
@@ -86,7 +94,7 @@ OPS: dict[str, OpSpec] = {
         OpSpec("bias_grad", (("dy", I), ("db", O)), ("N", "K", "inner", "accumulate"),
                "db[k] (+)= sum_{n<N, i<inner} dy[(n*K + k)*inner + i]"),
         OpSpec("fc_fwd", (("x", I), ("w", I), ("b", I), ("y", O)), ("N", "I", "O", "neuron"),
-               "y[n,o] = neuron(b[o] + sum_i x[n,i] * w[i,o])"),
+               "y[n,o] = neuron(b[o] + sum_i x[n,i] * w[i,o]).  " + _SUMMED, optional=_SUMMED_PARAMS),
         OpSpec("fc_bwd_data", (("w", I), ("dy", I), ("dx", O)), ("N", "I", "O", "accumulate"),
                "dx[n,i] (+)= sum_o dy[n,o] * w[i,o]"),
         OpSpec("fc_bwd_filter", (("x", I), ("dy", I), ("dw", O)), ("N", "I", "O", "accumulate"),
@@ -136,6 +144,8 @@ OPS: dict[str, OpSpec] = {
         OpSpec("concat_bwd", (("dy", I), ("dx", O)), ("N", "D", "D_out", "offset", "accumulate"),
                "dx[n, i] (+)= dy[n, offset + i]: the reverse slice copy"),
         # ---- costs
+        OpSpec("onehot", (("labels", I), ("targets", O)), ("N", "C"),
+               "targets[n,c] = 1 if c == labels[n] else 0: int labels as the f32 [N, C] targets crossent wants"),
         OpSpec("crossent_fwd", (("targets", I), ("probs", I), ("loss", O), ("correct", O)), ("N", "C"),
                "targets [N, C] f32 (one-hot or soft labels, cuda-convnet2's CrossEntCostLayer): "
                "loss[n] = -sum_c targets[n,c] * log(probs[n,c]) (terms with targets 0 skipped); "
@@ -189,7 +199,11 @@ OPS: dict[str, OpSpec] = {
                "iff u < keep with u = (philox4x32_10(ctr=(case_offset+n, i, step, 0), "
                "key=(seed, layer_id))[0] >> 8) / 2^24; mask = kept ? 1/keep : 0 (variant 'dropout', "
                "inverted dropout, the default) or kept ? 1 : 0 (variant 'dropout2'); y = x * mask.  "
-               "Test (train=False): y = x ('dropout') or y = keep * x ('dropout2'); mask is not written"),
+               "Test (train=False): y = x ('dropout') or y = keep * x ('dropout2'); mask is not written.  "
+               "A replica whose cases are not one contiguous run of the minibatch gives case_ranges, "
+               "((first, count), ...) in buffer order, instead of case_offset: its case n is then global "
+               "case first_k + n - (count_0 + ... + count_{k-1}) of the piece k holding it",
+               optional=("case_ranges",)),
         OpSpec("dropout_bwd", (("mask", I), ("dy", I), ("dx", O)), ("n", "accumulate"),
                "dx (+)= dy * mask"),
         # ---- locally connected (unshared weights) layers and unshared biases

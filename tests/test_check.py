@@ -280,7 +280,7 @@ t.cnn:4:5: error: unknown layer kind 'convv'
 t.cnn:4:5: error: unknown layer kind 'banana'
     4 | c = banana(data)
       |     ^~~~~~
-  hint: layer kinds: avgpool, conv, fc, logreg, maxpool, softmax"""),
+  hint: layer kinds: avgpool, cmrnorm, cnorm, concat, conv, crossent, dropout, dropout2, eltmax, eltsum, fc, local, logreg, maxpool, neuron, pass, rnorm, softmax, sum2"""),
     "unknown argument": (H + "c = conv(data, filters=4, size=3, strid=2)\n" + HEAD, """\
 t.cnn:4:35: error: conv has no argument 'strid'
     4 | c = conv(data, filters=4, size=3, strid=2)
@@ -449,10 +449,10 @@ t.cnn:1:9: error: the network has no cost layer, so there is nothing to train
 t.cnn:4:10: error: conv cannot take the label input 'labels'
     4 | c = conv(labels, filters=4, size=3)
       |          ^~~~~~"""),
-    "wrong number of inputs": (H + "c = conv(data, data, filters=4, size=3)\n" + HEAD, """\
-t.cnn:4:5: error: conv takes 1 input, got 2
-    4 | c = conv(data, data, filters=4, size=3)
-      |     ^~~~"""),
+    "wrong number of inputs": (H + "c = maxpool(data, data, size=2)\n" + HEAD, """\
+t.cnn:4:5: error: maxpool takes 1 input, got 2
+    4 | c = maxpool(data, data, size=2)
+      |     ^~~~~~~"""),
     "input after a keyword argument": (H + "c = conv(filters=4, data, size=3)\n" + HEAD, """\
 t.cnn:4:21: error: inputs must come before keyword arguments
     4 | c = conv(filters=4, data, size=3)

@@ -128,6 +128,31 @@ def layer_op_cases():
         out.append(("conv_fwd", dict(p, neuron=make_neuron(FUSABLE[(i + 2) % len(FUSABLE)]).to_json())))
         out.append(("conv_bwd_data", dict(p, accumulate=bool(i % 2))))
         out.append(("conv_bwd_filter", dict(p, accumulate=not i % 2)))
+    return out + summed_input_cases()
+
+
+def summed_input_cases():
+    """conv_fwd / fc_fwd as a layer with several inputs runs them: the first launch adds the
+    bias, later ones add into y, the neuron applies to the whole sum; plus one-hot targets and
+    dropout over cases that come in pieces."""
+    out = []
+    ident, tanh = make_neuron("ident").to_json(), make_neuron("tanh", (1.5, 0.7)).to_json()
+    convs = [conv(2, 3, 8, 8, 4, 3, 1, 1), dict(conv(3, 4, 9, 7, 6, 3, 2, 1), groups=2, shared_biases=False),
+             dict(conv(2, 3, 7, 7, 5, 3, 2, 0), shared_biases=False), dict(conv(2, 6, 6, 6, 6, 1, 1, 0), groups=3)]
+    for i, p in enumerate(convs):
+        out.append(("conv_fwd", dict(p, neuron=ident, accumulate=False, bias=True)))
+        out.append(("conv_fwd", dict(p, neuron=tanh, accumulate=True, bias=False)))
+        out.append(("conv_fwd", dict(p, neuron=make_neuron(FUSABLE[i % len(FUSABLE)]).to_json(),
+                                     accumulate=bool(i % 2), bias=not i % 2)))
+    for i, (N, I, O) in enumerate([(4, 10, 7), (33, 17, 100)]):
+        p = dict(N=N, I=I, O=O)
+        out.append(("fc_fwd", dict(p, neuron=ident, accumulate=False, bias=True)))
+        out.append(("fc_fwd", dict(p, neuron=tanh, accumulate=True, bias=False)))
+        out.append(("fc_fwd", dict(p, neuron=make_neuron("logistic").to_json(), accumulate=True, bias=True)))
+    out += [("onehot", dict(N=5, C=10)), ("onehot", dict(N=33, C=3)), ("onehot", dict(N=2, C=1000))]
+    for ranges in ([[0, 3], [8, 3]], [[12, 2], [4, 2], [20, 2]]):
+        N = sum(c for _, c in ranges)
+        out.append(("dropout_fwd", dict(N=N, D=40, keep=0.5, layer_id=2, case_ranges=ranges, variant="dropout")))
     return out
 
 

@@ -136,6 +136,16 @@ def _rows(labels, N: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------- ops
 
+def _store_summed(p: dict, y: np.ndarray, acc: np.ndarray, bias: np.ndarray) -> None:
+    """y = neuron((y if accumulate) + acc + (bias if bias)): one input's term of a conv / fc layer
+    whose inputs are summed; the neuron applies to the whole sum."""
+    if p.get("bias", True):
+        acc = acc + bias
+    if p.get("accumulate", False):
+        acc = y + acc
+    y[...] = _neuron_fwd(p, acc)
+
+
 def conv_fwd(p, x, w, b, y):
     """y = neuron(b + conv(x, w)), reading zeros outside the image; each group of filters sees
     only its own group of channels."""
@@ -145,8 +155,8 @@ def conv_fwd(p, x, w, b, y):
     for cs, ks in _groups(p):
         cols = _windows(x4[:, cs], -p["pad"], p["P"], p["Q"], p["R"], p["S"], p["stride"])
         parts.append(np.tensordot(cols, w4[ks], axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2))
-    acc = np.concatenate(parts, axis=1) + _conv_bias(p, b)
-    _store(_out(y, ys), _neuron_fwd(p, acc), p)
+    acc = np.concatenate(parts, axis=1)
+    _store_summed(p, _out(y, ys), acc, _conv_bias(p, b))
 
 
 def conv_bwd_data(p, w, dy, dx):
@@ -178,8 +188,8 @@ def bias_grad(p, dy, db):
 
 def fc_fwd(p, x, w, b, y):
     """y = neuron(x @ w + b)."""
-    acc = _in(x, (p["N"], p["I"])) @ _in(w, (p["I"], p["O"])) + _in(b, (1, p["O"]))
-    _store(_out(y, (p["N"], p["O"])), _neuron_fwd(p, acc), p)
+    acc = _in(x, (p["N"], p["I"])) @ _in(w, (p["I"], p["O"]))
+    _store_summed(p, _out(y, (p["N"], p["O"])), acc, _in(b, (1, p["O"])))
 
 
 def fc_bwd_data(p, w, dy, dx):
@@ -340,6 +350,13 @@ def concat_bwd(p, dy, dx):
 
 
 # ------------------------------------------------------------- costs
+
+def onehot(p, labels, targets):
+    """targets[n, c] = 1 where c is case n's label, else 0."""
+    t = np.zeros((p["N"], p["C"]), dtype=_out(targets, (p["N"] * p["C"],)).dtype)
+    t[_rows(labels, p["N"])] = 1
+    _store(_out(targets, (p["N"], p["C"])), t, {})
+
 
 def crossent_fwd(p, targets, probs, loss, correct):
     """loss = -sum targets * log(probs); correct = 1/(number of maxima) if a maximal class has a
@@ -516,10 +533,19 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return tuple(v.astype(np.uint32) for v in c)
 
 
+def _global_cases(p: dict) -> np.ndarray:
+    """The minibatch index of each of the N cases: case_offset + n, or from case_ranges."""
+    if p.get("case_ranges"):
+        index = np.concatenate([np.arange(first, first + count) for first, count in p["case_ranges"]])
+        assert index.size == p["N"], "case_ranges must cover the N cases"
+        return index.astype(np.uint64)
+    return np.arange(p["N"], dtype=np.uint64) + np.uint64(p.get("case_offset", 0))
+
+
 def dropout_keep_mask(p: dict, seed: int, step: int) -> np.ndarray:
     """[N, D] booleans: which values dropout keeps, keyed by (seed, step, layer, global case,
     feature) so a case's mask is the same whichever replica holds it."""
-    n = np.arange(p["N"], dtype=np.uint64)[:, None] + np.uint64(p.get("case_offset", 0))
+    n = _global_cases(p)[:, None]
     i = np.arange(p["D"], dtype=np.uint64)[None, :]
     word = philox4x32_10(n, i, int(step) & 0xFFFFFFFF, 0, seed, p.get("layer_id", 0))[0]
     return (word >> np.uint32(8)) < np.uint32(dropout_threshold(p["keep"]))
@@ -595,7 +621,7 @@ REFERENCE_OPS: dict[str, Callable] = {
         pool_fwd, pool_bwd, softmax_fwd, softmax_bwd,
         logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum,
         neuron_fwd, neuron_bwd_input, eltsum_fwd, eltsum_bwd, eltmax_fwd, eltmax_bwd,
-        concat_fwd, concat_bwd, crossent_fwd, crossent_bwd, softmax_crossent_bwd, sum2_fwd, sum2_bwd,
+        concat_fwd, concat_bwd, onehot, crossent_fwd, crossent_bwd, softmax_crossent_bwd, sum2_fwd, sum2_bwd,
         cmrnorm_fwd, cmrnorm_bwd, rnorm_fwd, rnorm_bwd, cnorm_meandiff, cnorm_fwd, cnorm_bwd_prep, cnorm_bwd,
         dropout_fwd, dropout_bwd, local_fwd, local_bwd_data, local_bwd_filter, bias_grad_unshared,
     ]

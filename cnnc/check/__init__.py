@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cnnc.check.kinds import KINDS, REQUIRED, LayerKind, ShapeError
+from cnnc.check.kinds import KINDS, REQUIRED, LayerKind, Param, ShapeError
 from cnnc.check.settings import GLOBAL_SETTINGS, LAYER_SETTINGS, layer_train, read_settings
 from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean
 from cnnc.frontend import ast
@@ -56,7 +56,7 @@ class _Checker:
         order = self.topological_order(decls, inputs)
         layers: dict[str, Layer] = {}
         for name in order:
-            layers[name] = self.layer(decls[name], inputs, layers, glob, batch)
+            layers[name] = self.layer(decls[name], inputs, layers, glob, batch, index=len(layers))
         if not any(KINDS[l.kind].is_cost for l in layers.values()):
             self.fail("the network has no cost layer, so there is nothing to train", self.p.span,
                       "end it with e.g. 'cost = logreg(labels, probs)'")
@@ -119,13 +119,18 @@ class _Checker:
 
     # -- one layer --------------------------------------------------------
     def layer(self, d: ast.LayerDecl, inputs: dict[str, Input], done: dict[str, Layer],
-              glob: dict[str, Any], batch: int) -> Layer:
+              glob: dict[str, Any], batch: int, index: int = 0) -> Layer:
         kind = KINDS.get(d.kind)
         if kind is None:
             self.fail(f"unknown layer kind '{d.kind}'", d.kind_span,
                       did_you_mean(d.kind, KINDS) or f"layer kinds: {', '.join(sorted(KINDS))}")
         refs = self.input_refs(d)
-        if not kind.min_inputs <= len(refs) <= kind.max_inputs:
+        if kind.max_inputs is None:
+            if len(refs) < kind.min_inputs:
+                n = kind.min_inputs
+                self.fail(f"{d.kind} takes at least {n} input{'s' if n != 1 else ''}, got {len(refs)}",
+                          d.kind_span)
+        elif not kind.min_inputs <= len(refs) <= kind.max_inputs:
             want = str(kind.min_inputs) if kind.min_inputs == kind.max_inputs else \
                 f"{kind.min_inputs} to {kind.max_inputs}"
             self.fail(f"{d.kind} takes {want} input{'s' if want != '1' else ''}, got {len(refs)}", d.kind_span)
@@ -133,13 +138,18 @@ class _Checker:
         srcs = [inputs.get(r.name) or done[r.name] for r in refs]
         self.check_input_kinds(d, kind, refs, srcs)
         in_shapes = tuple(s.shape for s in srcs)
-        if d.kind == "logreg":
-            self.check_logreg(d, refs, srcs, args)
+        if kind.input_kinds == "labels+probs":
+            self.check_probabilities(d, refs, srcs, args)
         try:
-            shape = kind.infer(args, in_shapes)
+            shape = kind.infer(args, in_shapes, tuple(r.name for r in refs))
         except ShapeError as e:
-            span = next((a.span for a in d.args if a.name == e.arg), d.kind_span)
+            if e.input is not None:
+                span = refs[e.input].span
+            else:
+                span = next((a.span for a in d.args if a.name == e.arg), d.kind_span)
             self.fail(f"{d.name}: {e}", span, e.hint)
+        if kind.random:
+            args["layer_id"] = index        # keys the layer's random numbers; stable for a given network
         neuron = self.neuron(d, kind)
         gpus = self.placement(d, srcs, batch)
         train = None
@@ -159,6 +169,7 @@ class _Checker:
 
     def arguments(self, d: ast.LayerDecl, kind: LayerKind) -> dict[str, Any]:
         args: dict[str, Any] = {}
+        given: set[str] = set()
         for a in d.args:
             if a.name is None:
                 continue
@@ -168,18 +179,28 @@ class _Checker:
                 self.fail(f"{d.kind} has no argument '{a.name}'", a.span,
                           did_you_mean(a.name, names) or
                           (f"{d.kind} takes: {', '.join(names)}" if names else f"{d.kind} takes no arguments"))
-            if a.name in args:
+            if a.name in given:
                 self.fail(f"argument '{a.name}' given twice", a.span)
-            args[a.name] = self.convert(a.value, p.type, p.min, f"{a.name}")
+            given.add(a.name)
+            value = self.convert(a.value, p.type, p.min, f"{a.name}", p)
+            if not (p.omit_default and value == p.default):
+                args[a.name] = value
         for p in kind.params:
-            if p.name not in args:
+            if p.name not in given:
                 if p.default is REQUIRED:
                     self.fail(f"{d.kind} needs the argument '{p.name}'", d.kind_span,
                               f"e.g. {d.kind}(..., {p.name}=...)" if not p.doc else f"{p.name}: {p.doc}")
-                args[p.name] = p.default
+                if not p.omit_default:
+                    args[p.name] = p.default
         return args
 
-    def convert(self, v: ast.Value, typ: str, minimum: float | None, what: str) -> Any:
+    def convert(self, v: ast.Value, typ: str, minimum: float | None, what: str, param: Param | None = None) -> Any:
+        if typ == "floats":
+            items = v.items if isinstance(v, ast.ListValue) else None
+            bad = v if items is None else next((i for i in items if not isinstance(i, ast.Number)), None)
+            if bad is not None:
+                self.fail(f"{what} must be a list of numbers, e.g. [1, -1]", bad.span)
+            return [self.convert(item, "float", minimum, what, param) for item in items]
         if typ == "bool":
             if isinstance(v, ast.NameRef) and v.name in ("true", "false"):
                 return v.name == "true"
@@ -190,8 +211,12 @@ class _Checker:
             self.fail(f"{what} must be a number", v.span)
         if typ == "int" and not v.is_int:
             self.fail(f"{what} must be an integer", v.span)
+        if minimum is not None and param is not None and param.open_min and v.value <= minimum:
+            self.fail(f"{what} must be greater than {minimum:g}", v.span)
         if minimum is not None and v.value < minimum:
             self.fail(f"{what} must be at least {minimum:g}", v.span)
+        if param is not None and param.max is not None and v.value > param.max:
+            self.fail(f"{what} must be at most {param.max:g}", v.span)
         return int(v.value) if typ == "int" else float(v.value)
 
     def check_input_kinds(self, d, kind, refs, srcs):
@@ -202,31 +227,38 @@ class _Checker:
                 self.fail(f"{d.kind} cannot take the label input '{ref.name}'", ref.span)
             if wants_labels and not is_labels:
                 self.fail(f"the first input of {d.kind} must be a label input, '{ref.name}' is not", ref.span,
-                          "write logreg(labels, probs)")
+                          f"write {d.kind}(labels, probs)")
+            if isinstance(src, Layer) and KINDS[src.kind].is_cost:
+                self.fail(f"{d.kind} cannot take '{ref.name}': it is a cost, which has no output", ref.span)
 
-    def check_logreg(self, d, refs, srcs, args):
+    def check_probabilities(self, d, refs, srcs, args):
+        """A classification cost's (labels, probs): a softmax with one probability per class."""
         labels, probs = srcs
         if not isinstance(probs, Layer) or probs.kind != "softmax":
-            self.fail(f"logreg needs probabilities: '{refs[1].name}' is not a softmax layer", refs[1].span,
+            self.fail(f"{d.kind} needs probabilities: '{refs[1].name}' is not a softmax layer", refs[1].span,
                       f"insert probs = softmax({refs[1].name})")
         if probs.shape.size != labels.classes:
             self.fail(f"'{refs[1].name}' has {probs.shape.size} values per case but '{refs[0].name}' has "
                       f"{labels.classes} classes", refs[1].span)
-        if args["top_k"] > labels.classes:
+        if "top_k" in args and args["top_k"] > labels.classes:
             self.fail(f"top_k={args['top_k']} exceeds the {labels.classes} classes",
                       next(a.span for a in d.args if a.name == "top_k"))
 
     def neuron(self, d: ast.LayerDecl, kind: LayerKind):
         spec = d.neuron
         if spec is None:
+            if kind.neuron_layer:
+                inputs = ", ".join(r.name for r in self.input_refs(d))
+                self.fail(f"a {d.kind} layer needs a neuron after its inputs", d.kind_span,
+                          f"e.g. {d.name} = {d.kind}({inputs}) relu")
             return make_neuron("ident")
-        if not kind.takes_neuron:
+        if not kind.takes_neuron and not kind.neuron_layer:
             self.fail(f"{d.kind} layers take no neuron", spec.span)
         nk = NEURONS.get(spec.name)
         if nk is None:
             self.fail(f"unknown neuron '{spec.name}'", spec.span,
                       did_you_mean(spec.name, NEURONS) or f"neurons: {', '.join(sorted(NEURONS))}")
-        if nk.needs_input:
+        if nk.needs_input and not kind.neuron_layer:
             self.fail(f"the {spec.name} neuron cannot be fused into {d.kind}: its gradient needs the input",
                       spec.span)
         if len(spec.params) > len(nk.params):

@@ -1,10 +1,15 @@
 """Layer kinds as data: arguments, input counts and shape rules.
 
-Adding a layer kind means adding one row here (plus its kernels in the
-planner and templates).  Output sizes follow cuda-convnet2's rounding:
-conv uses 1 + ceil((2*padding + H - size) / stride) (the last window may
-overhang the padded image; it reads zeros there) and pooling
-1 + ceil((H - start - size) / stride) with windows clipped to the image.
+Adding a layer kind means adding one row here (plus its kernels in
+cnnc/plan/lowering.py and the templates).  Semantics follow cuda-convnet2.
+Output sizes use its rounding: conv and local use
+1 + ceil((2*padding + H - size) / stride) (the last window may overhang the
+padded image; it reads zeros there) and pooling 1 + ceil((H - start - size)
+/ stride) with windows clipped to the image.
+
+Shape rules receive the converted arguments, the input shapes and the input
+names, and raise :class:`ShapeError` naming the argument or the input that is
+wrong, so the checker can point at it.
 """
 from __future__ import annotations
 
@@ -20,33 +25,43 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str                      # "int" | "float" | "bool"
+    type: str                      # "int" | "float" | "bool" | "floats" (a list of numbers: [1, -1])
     default: Any = REQUIRED
     min: float | None = None
     doc: str = ""
+    max: float | None = None
+    open_min: bool = False         # the value must be greater than `min`, not just at least `min`
+    omit_default: bool = False     # kept out of the layer's args while it has its default value, so
+                                   # that a plain layer has the same record (and kernels) as before
 
 
 class ShapeError(Exception):
-    """A shape rule that does not hold; the checker attaches the location."""
+    """A shape rule that does not hold; the checker attaches the location.
 
-    def __init__(self, message: str, arg: str | None = None, hint: str | None = None):
+    `arg` names the keyword argument to point at, `input` the index of the input."""
+
+    def __init__(self, message: str, arg: str | None = None, hint: str | None = None,
+                 input: int | None = None):
         super().__init__(message)
         self.arg = arg
         self.hint = hint
+        self.input = input
 
 
 @dataclass(frozen=True)
 class LayerKind:
     name: str
     min_inputs: int
-    max_inputs: int
+    max_inputs: int | None             # None: any number of inputs from min_inputs on
     params: tuple[Param, ...]
-    infer: Callable[[dict, tuple[Shape, ...]], Shape]
+    infer: Callable[[dict, tuple[Shape, ...], tuple[str, ...]], Shape]
     has_weights: bool = False
-    takes_neuron: bool = False
-    input_kinds: str = "image"      # "image": every input an activation; "labels+probs": cost
+    takes_neuron: bool = False         # a neuron may follow and is fused into the layer's kernel
+    input_kinds: str = "image"         # "image": every input an activation; "labels+probs": cost
     is_cost: bool = False
     doc: str = ""
+    neuron_layer: bool = False         # the layer *is* its neuron: it needs one, of any kind, unfused
+    random: bool = False               # draws random numbers: gets a stable `layer_id` argument
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -60,18 +75,51 @@ def pool_out(size: int, window: int, stride: int, start: int) -> int:
     return 1 + math.ceil((size - start - window) / stride)
 
 
-def _infer_conv(a: dict, ins: tuple[Shape, ...]) -> Shape:
-    x = ins[0]
+# ---------------------------------------------------------------- weight layers
+
+def _filter_output(a: dict, x: Shape) -> tuple[int, int]:
+    """Output rows and columns of a conv or local filter over one input."""
     f, s, p = a["size"], a["stride"], a["padding"]
     if p >= f:
         raise ShapeError(f"padding {p} must be smaller than the filter size {f}", "padding")
     if f > x.height + 2 * p or f > x.width + 2 * p:
         raise ShapeError(f"a {f}x{f} filter does not fit the {x.height}x{x.width} input with padding {p}",
                          "size", hint="use a smaller size or more padding")
-    return Shape(a["filters"], conv_out(x.height, f, s, p), conv_out(x.width, f, s, p))
+    return conv_out(x.height, f, s, p), conv_out(x.width, f, s, p)
 
 
-def _infer_pool(a: dict, ins: tuple[Shape, ...]) -> Shape:
+def _infer_conv(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
+    """Every input has its own filters; all use the same size, stride and padding and must
+    give outputs of one size, which are summed."""
+    groups = a.get("groups", 1)
+    if a["filters"] % groups:
+        raise ShapeError(f"filters={a['filters']} is not a multiple of groups={groups}", "groups",
+                         hint="each group has the same number of filters")
+    out = None
+    for i, x in enumerate(ins):
+        if x.channels % groups:
+            raise ShapeError(f"groups={groups} does not divide the {x.channels} channels of '{names[i]}'",
+                             "groups")
+        here = _filter_output(a, x)
+        if out is not None and here != out:
+            raise ShapeError(f"'{names[i]}' gives {here[0]}x{here[1]} outputs but '{names[0]}' gives "
+                             f"{out[0]}x{out[1]}: the inputs of one layer are summed, so their outputs "
+                             f"must have one size", input=i)
+        out = here
+    return Shape(a["filters"], *out)
+
+
+def _infer_local(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
+    return Shape(a["filters"], *_filter_output(a, ins[0]))
+
+
+def _infer_fc(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
+    return Shape(a["outputs"])
+
+
+# ---------------------------------------------------------------- pooling
+
+def _infer_pool(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
     x = ins[0]
     size, start = a["size"], a["start"]
     if a["stride"] is None:
@@ -91,44 +139,108 @@ def _infer_pool(a: dict, ins: tuple[Shape, ...]) -> Shape:
     return Shape(x.channels, out_h, out_w)
 
 
-def _infer_fc(a: dict, ins: tuple[Shape, ...]) -> Shape:
-    return Shape(a["outputs"])
+# ---------------------------------------------------------------- element-wise and structural
+
+def _same(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
+    return ins[0]
 
 
-def _infer_softmax(a: dict, ins: tuple[Shape, ...]) -> Shape:
+def _infer_elementwise(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
+    for i, x in enumerate(ins[1:], 1):
+        if x != ins[0]:
+            raise ShapeError(f"'{names[i]}' is {x} but '{names[0]}' is {ins[0]}: element-wise layers "
+                             f"need inputs of one shape", input=i)
+    if "coeffs" in a:
+        if a["coeffs"] is None:
+            a["coeffs"] = [1.0] * len(ins)
+        if len(a["coeffs"]) != len(ins):
+            raise ShapeError(f"coeffs has {len(a['coeffs'])} value{'s' if len(a['coeffs']) != 1 else ''} "
+                             f"for {len(ins)} inputs", "coeffs", hint="give one coefficient per input")
+    return ins[0]
+
+
+def _infer_concat(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
+    for i, x in enumerate(ins[1:], 1):
+        if (x.height, x.width) != (ins[0].height, ins[0].width):
+            raise ShapeError(f"'{names[i]}' is {x.height}x{x.width} per channel but '{names[0]}' is "
+                             f"{ins[0].height}x{ins[0].width}: concat joins the channels of images of one size",
+                             input=i)
+    return Shape(sum(x.channels for x in ins), ins[0].height, ins[0].width)
+
+
+def _infer_softmax(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
     return Shape(ins[0].size)
 
 
-def _infer_cost(a: dict, ins: tuple[Shape, ...]) -> Shape:
+def _infer_cost(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
     return Shape(1)
 
 
 _INIT = (Param("init_w", "float", None, 0.0, "std. dev. of the normal initial weights"),
          Param("init_b", "float", None, None, "initial value of the biases"))
+_FILTER = (
+    Param("filters", "int", REQUIRED, 1),
+    Param("size", "int", REQUIRED, 1, "filter rows and columns"),
+    Param("stride", "int", 1, 1),
+    Param("padding", "int", 0, 0, "zero padding on every side"),
+)
+_POOL = (
+    Param("size", "int", REQUIRED, 1), Param("stride", "int", None, 1),
+    Param("start", "int", 0, 0), Param("outputs", "int", 0, 0, "0: as many as fit"),
+)
+# response normalisation, with cuda-convnet2's defaults.  Windows are clipped to the channels
+# or the image, so a size larger than those is allowed (cuda-convnet2's kernels refuse it)
+_NORM = (
+    Param("size", "int", REQUIRED, 1, "window size: channels (cmrnorm) or rows and columns"),
+    Param("scale", "float", 0.0001, 0),
+    Param("pow", "float", 0.75),
+    Param("min_div", "float", 1.0, 0, open_min=True),
+)
+_KEEP = (Param("keep", "float", 0.5, 0, "the probability of keeping a value", max=1, open_min=True),)
 
 KINDS: dict[str, LayerKind] = {
     k.name: k
     for k in [
-        LayerKind("conv", 1, 1, (
-            Param("filters", "int", REQUIRED, 1),
-            Param("size", "int", REQUIRED, 1, "filter rows and columns"),
-            Param("stride", "int", 1, 1),
-            Param("padding", "int", 0, 0, "zero padding on every side"),
+        LayerKind("conv", 1, None, _FILTER + (
+            Param("groups", "int", 1, 1, "filters and channels split into this many independent groups",
+                  omit_default=True),
+            Param("shared_biases", "bool", True, doc="one bias per filter (true) or per filter and position",
+                  omit_default=True),
         ) + _INIT, _infer_conv, has_weights=True, takes_neuron=True,
-            doc="2-D convolution with shared biases"),
-        LayerKind("maxpool", 1, 1, (
-            Param("size", "int", REQUIRED, 1), Param("stride", "int", None, 1),
-            Param("start", "int", 0, 0), Param("outputs", "int", 0, 0, "0: as many as fit"),
-        ), _infer_pool, doc="max pooling"),
-        LayerKind("avgpool", 1, 1, (
-            Param("size", "int", REQUIRED, 1), Param("stride", "int", None, 1),
-            Param("start", "int", 0, 0), Param("outputs", "int", 0, 0, "0: as many as fit"),
-        ), _infer_pool, doc="average pooling over the window clipped to the image"),
-        LayerKind("fc", 1, 1, (Param("outputs", "int", REQUIRED, 1),) + _INIT, _infer_fc,
-                  has_weights=True, takes_neuron=True, doc="fully connected"),
+            doc="2-D convolution; several inputs have a filter bank each and are summed"),
+        LayerKind("local", 1, 1, _FILTER + _INIT, _infer_local, has_weights=True, takes_neuron=True,
+                  doc="locally connected: a convolution with different filters at every position"),
+        LayerKind("maxpool", 1, 1, _POOL, _infer_pool, doc="max pooling"),
+        LayerKind("avgpool", 1, 1, _POOL, _infer_pool, doc="average pooling over the window clipped to the image"),
+        LayerKind("fc", 1, None, (Param("outputs", "int", REQUIRED, 1),) + _INIT, _infer_fc,
+                  has_weights=True, takes_neuron=True,
+                  doc="fully connected; several inputs have a weight matrix each and are summed"),
+        LayerKind("cmrnorm", 1, 1, _NORM + (
+            Param("blocked", "bool", False, doc="windows are fixed blocks of `size` channels",
+                  omit_default=True),), _same,
+                  doc="cross-map response normalisation"),
+        LayerKind("rnorm", 1, 1, _NORM, _same, doc="response normalisation over size x size pixels"),
+        LayerKind("cnorm", 1, 1, _NORM, _same,
+                  doc="contrast normalisation: rnorm of the difference from the local mean"),
+        LayerKind("neuron", 1, 1, (), _same, neuron_layer=True,
+                  doc="a neuron as a layer of its own: neuron(x) abs"),
+        LayerKind("dropout", 1, 1, _KEEP, _same, random=True,
+                  doc="inverted dropout: kept values are scaled by 1/keep in training"),
+        LayerKind("dropout2", 1, 1, _KEEP, _same, random=True,
+                  doc="dropout that scales by keep at test time instead"),
+        LayerKind("eltsum", 2, None, (Param("coeffs", "floats", None, doc="one coefficient per input, "
+                                            "all 1 by default"),), _infer_elementwise,
+                  doc="element-wise weighted sum"),
+        LayerKind("eltmax", 2, None, (), _infer_elementwise, doc="element-wise maximum"),
+        LayerKind("concat", 2, None, (), _infer_concat, doc="concatenation along the channels"),
+        LayerKind("pass", 1, 1, (), _same, doc="identity"),
         LayerKind("softmax", 1, 1, (), _infer_softmax, doc="softmax over all of the input's values"),
         LayerKind("logreg", 2, 2, (Param("coeff", "float", 1.0), Param("top_k", "int", 1, 1)),
                   _infer_cost, input_kinds="labels+probs", is_cost=True,
                   doc="multinomial logistic regression cost: inputs (labels, probs)"),
+        LayerKind("crossent", 2, 2, (Param("coeff", "float", 1.0),), _infer_cost, input_kinds="labels+probs",
+                  is_cost=True, doc="cross-entropy cost of probabilities (a softmax) against one-hot labels"),
+        LayerKind("sum2", 1, 1, (Param("coeff", "float", 1.0),), _infer_cost, is_cost=True,
+                  doc="sum-of-squares cost: coeff times the sum of the input's squared values"),
     ]
 }

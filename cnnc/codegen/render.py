@@ -31,7 +31,7 @@ FAMILY = {
     "eltsum_fwd": "eltwise", "eltsum_bwd": "eltwise", "eltmax_fwd": "eltwise", "eltmax_bwd": "eltwise",
     "concat_fwd": "eltwise", "concat_bwd": "eltwise", "dropout_fwd": "eltwise", "dropout_bwd": "eltwise",
     "bias_grad_unshared": "eltwise",
-    "crossent_fwd": "cost", "crossent_bwd": "cost", "softmax_crossent_bwd": "cost",
+    "onehot": "cost", "crossent_fwd": "cost", "crossent_bwd": "cost", "softmax_crossent_bwd": "cost",
     "sum2_fwd": "cost", "sum2_bwd": "cost",
     "cmrnorm_fwd": "norm", "cmrnorm_bwd": "norm", "rnorm_fwd": "norm", "rnorm_bwd": "norm",
     "cnorm_meandiff": "norm", "cnorm_fwd": "norm", "cnorm_bwd_prep": "norm", "cnorm_bwd": "norm",
@@ -62,6 +62,29 @@ def neuron_expr(neuron: Neuron, template: str, var: str, param_var: str) -> str:
     expr = re.sub(r"\ba\b", lit(neuron.a), template)
     expr = re.sub(r"\bb\b", lit(neuron.b), expr)
     return re.sub(rf"\b{param_var}\b", var, expr)
+
+
+def summed_pre(p: dict, old: str, bias: str) -> str:
+    """The pre-neuron value of one input's launch of a conv / fc layer whose inputs are summed:
+    (old output if accumulating) + v + (bias if adding it)."""
+    terms = ([old] if p.get("accumulate", False) else []) + ["v"] + ([bias] if p.get("bias", True) else [])
+    return " + ".join(terms)
+
+
+def global_case(p: dict, var: str) -> str:
+    """The minibatch index of local case `var` of a dropout launch: case_offset + var, or
+    from the pieces in case_ranges (a chain of conditionals, one per piece)."""
+    def plus(k: int) -> str:
+        return var if k == 0 else f"{var} + {k}" if k > 0 else f"{var} - {-k}"
+
+    ranges = p.get("case_ranges")
+    if not ranges:
+        return plus(p.get("case_offset", 0))
+    starts = [sum(count for _, count in ranges[:i]) for i in range(len(ranges))]
+    expr = plus(ranges[-1][0] - starts[-1])
+    for (first, count), start in reversed(list(zip(ranges[:-1], starts[:-1]))):
+        expr = f"({var} < {start + count} ? {plus(first - start)} : {expr})"
+    return expr
 
 
 # --- launch geometry ---------------------------------------------------------------
@@ -147,6 +170,8 @@ def _elements(op: str, p: dict) -> int:
         return p["n"]
     if op in ("concat_fwd", "concat_bwd", "dropout_fwd", "sum2_bwd"):
         return p["N"] * p["D"]
+    if op == "onehot":
+        return p["N"] * p["C"]
     if op == "bias_grad_unshared":
         return p["K"] * p["inner"]
     if FAMILY.get(op) in ("norm", "local_data"):
@@ -213,6 +238,9 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         pow_fn="powf" if d.name == "cuda" else "pow",
         runtime_text=lambda name: (resource_dir("runtime") / name).read_text(),
         threshold=dropout_threshold(k.params["keep"]) if "keep" in k.params else None,
+        summed=k.params.get("accumulate", False) or not k.params.get("bias", True),
+        summed_pre=lambda old, bias: summed_pre(k.params, old, bias),
+        global_case=lambda var: global_case(k.params, var),
     )
     text = _env().get_template(f"{FAMILY[k.op]}.j2").render(**ctx)
     if d.name == "cuda":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cnnc.check.kinds import KINDS
 from cnnc.ir import Layer
 from cnnc.neurons import Neuron
 
@@ -25,27 +26,44 @@ class Site:
     output: str
     params: dict[str, str] = field(default_factory=dict)     # parameter name -> buffer
     grads: dict[str, str] = field(default_factory=dict)      # parameter name -> gradient buffer
-    emit: Callable[..., None] = print   # emit(kernel_name, op, params, args, writes, summary)
+    emit: Callable[..., None] = print   # emit(kernel_name, op, params, args, writes, summary, **scalars)
     training: bool = True               # False in the test program (dropout passes values through)
     share: int = 0                      # which share of the minibatch: cases share*cases ..
     alloc: Callable[..., str] = print   # alloc(what, size, dtype="f32") -> a buffer of this replica
+    # the minibatch cases this replica handles, as (first case, count) pieces in buffer order;
+    # empty: the `cases` cases from share * cases on
+    case_ranges: tuple[tuple[int, int], ...] = ()
 
     def launch(self, tag: str, op: str, params: dict, args: tuple[str, ...], writes: tuple[str, ...],
-               summary: str) -> None:
-        self.emit(f"{self.layer.name}_{tag}", op, params, args, writes, summary)
+               summary: str, **scalars) -> None:
+        """Emit one kernel launch; `scalars` are the op's runtime scalar arguments (numbers, or
+        names of the executor's counters such as "seed" and "step")."""
+        self.emit(f"{self.layer.name}_{tag}", op, params, args, writes, summary, **scalars)
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self.case_ranges) or ((self.share * self.cases, self.cases),)
 
 
 # ---------------------------------------------------------------- parameters
 
 def parameter_shapes(l: Layer) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of each trainable tensor of a layer (weights per input, then biases)."""
+    """Name -> shape of each trainable tensor of a layer (weights per input, then biases).
+
+    conv: [filters, channels / groups, size, size] per input, biases [filters] or, unshared,
+    [filters, rows, columns]; local: [rows*columns, filters, channels, size, size] and
+    biases [filters, rows, columns]; fc: [inputs, outputs] per input, biases [outputs]."""
+    out = l.shape
     if l.kind == "conv":
-        size = l.args["size"]
-        shapes = [(l.shape.channels, x.channels, size, size) for x in l.in_shapes]
-        biases = (l.shape.channels,)
+        size, groups = l.args["size"], l.args.get("groups", 1)
+        shapes = [(out.channels, x.channels // groups, size, size) for x in l.in_shapes]
+        biases = (out.channels,) if l.args.get("shared_biases", True) else (out.channels, out.height, out.width)
+    elif l.kind == "local":
+        size, x = l.args["size"], l.in_shapes[0]
+        shapes = [(out.height * out.width, out.channels, x.channels, size, size)]
+        biases = (out.channels, out.height, out.width)
     elif l.kind == "fc":
-        shapes = [(x.size, l.shape.size) for x in l.in_shapes]
-        biases = (l.shape.size,)
+        shapes = [(x.size, out.size) for x in l.in_shapes]
+        biases = (out.size,)
     else:
         return {}
     names = ["weights"] if len(shapes) == 1 else [f"weights.{i}" for i in range(len(shapes))]
@@ -56,16 +74,33 @@ def weight_names(l: Layer) -> list[str]:
     return [n for n in parameter_shapes(l) if n.startswith("weights")]
 
 
+def shared_biases(l: Layer) -> bool:
+    """One bias per filter or output (true), or one per filter and output position."""
+    return l.kind == "fc" or (l.kind == "conv" and l.args.get("shared_biases", True))
+
+
 # ---------------------------------------------------------------- shapes of ops
 
 def conv_params(l: Layer, i: int, cases: int) -> dict:
+    """The op params of a conv (or local) layer's input i; groups and unshared biases only when
+    the layer has them, so a plain convolution's kernels stay the plain ones."""
     x = l.in_shapes[i]
-    return dict(N=cases, C=x.channels, H=x.height, W=x.width, K=l.shape.channels, R=l.args["size"],
-                S=l.args["size"], P=l.shape.height, Q=l.shape.width, stride=l.args["stride"], pad=l.args["padding"])
+    q = dict(N=cases, C=x.channels, H=x.height, W=x.width, K=l.shape.channels, R=l.args["size"],
+             S=l.args["size"], P=l.shape.height, Q=l.shape.width, stride=l.args["stride"], pad=l.args["padding"])
+    if l.kind == "conv":
+        if l.args.get("groups", 1) != 1:
+            q["groups"] = l.args["groups"]
+        if not l.args.get("shared_biases", True):
+            q["shared_biases"] = False
+    return q
 
 
 def fc_params(l: Layer, i: int, cases: int) -> dict:
     return dict(N=cases, I=l.in_shapes[i].size, O=l.shape.size)
+
+
+def weighted_params(l: Layer, i: int, cases: int) -> dict:
+    return fc_params(l, i, cases) if l.kind == "fc" else conv_params(l, i, cases)
 
 
 def pool_params(l: Layer, cases: int) -> dict:
@@ -75,27 +110,42 @@ def pool_params(l: Layer, cases: int) -> dict:
                 mode="max" if l.kind == "maxpool" else "avg")
 
 
+def norm_params(l: Layer, cases: int) -> dict:
+    x = l.in_shapes[0]
+    q = dict(N=cases, C=x.channels, H=x.height, W=x.width, size=l.args["size"], scale=l.args["scale"],
+             pow=l.args["pow"], min_div=l.args["min_div"])
+    if l.args.get("blocked", False):
+        q["blocked"] = True
+    return q
+
+
 def _gemm_shape_tag(op_params: dict, kind: str) -> str:
     q = op_params
-    if kind == "conv":
-        return f"n{q['N']}_c{q['C']}_k{q['K']}_{q['R']}x{q['S']}"
+    if kind in ("conv", "local"):
+        tag = f"n{q['N']}_c{q['C']}_k{q['K']}_{q['R']}x{q['S']}"
+        if q.get("groups", 1) != 1:
+            tag += f"_g{q['groups']}"
+        return tag
     return f"n{q['N']}_i{q['I']}_o{q['O']}"
+
+
+def _acc(accumulate: bool) -> str:
+    return "_acc" if accumulate else ""
 
 
 # ---------------------------------------------------------------- forward
 
 def forward_weighted(site: Site) -> None:
-    """conv / fc: y = neuron(b + sum over inputs of W_i * x_i), one launch per input.
+    """conv / local / fc: y = neuron(b + sum over inputs of W_i * x_i), one launch per input.
 
     The first launch adds the bias, later ones add into y; only the last applies
     the neuron, so a layer with several inputs sums them exactly as one would."""
     l = site.layer
     kind = l.kind
-    make = conv_params if kind == "conv" else fc_params
     names = weight_names(l)
     last = len(l.inputs) - 1
     for i, (x, wname) in enumerate(zip(site.inputs, names)):
-        q = make(l, i, site.cases)
+        q = weighted_params(l, i, site.cases)
         neuron = l.neuron if i == last else Neuron()
         params = dict(q, neuron=neuron.to_json())
         suffix = ""
@@ -103,9 +153,14 @@ def forward_weighted(site: Site) -> None:
             params.update(accumulate=i > 0, bias=i == 0)
             suffix = f"_in{i}"
         tag = f"fwd_{_gemm_shape_tag(q, kind)}{suffix}"
-        if kind == "conv":
-            summary = (f"forward of {l.name}: {q['K']} filters {q['R']}x{q['S']} over {q['C']}x{q['H']}x{q['W']}, "
+        if kind in ("conv", "local"):
+            what = "filters" if kind == "conv" else "filters per position"
+            summary = (f"forward of {l.name}: {q['K']} {what} {q['R']}x{q['S']} over {q['C']}x{q['H']}x{q['W']}, "
                        f"stride {q['stride']}, padding {q['pad']}, {neuron}")
+            if q.get("groups", 1) != 1:
+                summary += f", {q['groups']} groups"
+            if not shared_biases(l) and kind == "conv":
+                summary += ", unshared biases"
         else:
             summary = f"forward of {l.name}: {q['I']} inputs to {q['O']} outputs, {neuron}"
         if last:
@@ -127,6 +182,118 @@ def forward_softmax(site: Site) -> None:
                 (site.output,), f"forward of {site.layer.name}: softmax over {q['C']} values")
 
 
+def _norm_scratch(site: Site) -> tuple[str, str | None]:
+    """The denominators (and cnorm's mean differences) a normalisation keeps for its backward."""
+    n = site.cases * site.layer.shape.size
+    md = site.alloc("meandiff", n) if site.layer.kind == "cnorm" else None
+    return site.alloc("denoms", n), md
+
+
+def forward_norm(site: Site) -> None:
+    """cmrnorm / rnorm / cnorm; the denominators stay for the backward."""
+    l = site.layer
+    q = norm_params(l, site.cases)
+    denoms, md = _norm_scratch(site)
+    x, y = site.inputs[0], site.output
+    shape = f"n{q['N']}_c{q['C']}_{q['size']}"
+    if l.kind == "cnorm":
+        site.launch(f"meandiff_{shape}", "cnorm_meandiff", {k: q[k] for k in ("N", "C", "H", "W", "size")},
+                    (x, md), (md,), f"forward of {l.name}: difference from the mean of each {q['size']}x{q['size']} "
+                    f"window")
+        site.launch(f"fwd_{shape}", "cnorm_fwd", q, (x, md, y, denoms), (y, denoms),
+                    f"forward of {l.name}: contrast normalisation over {q['size']}x{q['size']} windows")
+        return
+    where = f"{q['size']} channels" if l.kind == "cmrnorm" else f"{q['size']}x{q['size']} windows"
+    site.launch(f"fwd_{shape}", f"{l.kind}_fwd", q, (x, y, denoms), (y, denoms),
+                f"forward of {l.name}: response normalisation across {where}")
+
+
+def forward_neuron(site: Site) -> None:
+    l = site.layer
+    n = site.cases * l.shape.size
+    site.launch(f"{l.neuron.name}_fwd_n{n}", "neuron_fwd", dict(n=n, neuron=l.neuron.to_json()),
+                (site.inputs[0], site.output), (site.output,), f"forward of {l.name}: the {l.neuron} neuron")
+
+
+def dropout_params(site: Site) -> dict:
+    """Training: the mask of each value is keyed by (seed, step, layer, minibatch case, feature),
+    so it does not depend on how the batch is split.  Test: values pass through (dropout) or are
+    scaled by keep (dropout2)."""
+    l = site.layer
+    q = dict(N=site.cases, D=l.shape.size, keep=l.args["keep"], variant=l.kind)
+    if not site.training:
+        return dict(q, train=False)
+    q["layer_id"] = l.args["layer_id"]
+    ranges = site.ranges()
+    if len(ranges) == 1:
+        q["case_offset"] = ranges[0][0]
+    else:
+        q["case_ranges"] = [list(r) for r in ranges]
+    return q
+
+
+def forward_dropout(site: Site) -> None:
+    l = site.layer
+    q = dropout_params(site)
+    mask = site.alloc("mask", site.cases * l.shape.size)
+    if site.training:
+        cases = (f"_cases{q['case_offset']}" if "case_offset" in q
+                 else "_pieces" + "_".join(f"{a}x{b}" for a, b in q["case_ranges"]))
+        tag, summary = f"fwd_n{q['N']}_d{q['D']}{cases}", (
+            f"forward of {l.name} in training: keep each value with probability {q['keep']:g}")
+    else:
+        tag, summary = f"test_n{q['N']}_d{q['D']}", (
+            f"forward of {l.name} at test time: " + ("values pass through" if l.kind == "dropout"
+                                                     else f"values scaled by {q['keep']:g}"))
+    site.launch(tag, "dropout_fwd", q, (site.inputs[0], site.output, mask), (site.output, mask), summary,
+                seed="seed", step="step")
+
+
+def forward_eltsum(site: Site) -> None:
+    l = site.layer
+    n = site.cases * l.shape.size
+    coeffs = l.args.get("coeffs") or [1.0]
+    for i, x in enumerate(site.inputs):
+        q = dict(n=n, coeff=float(coeffs[i]), accumulate=i > 0)
+        site.launch(f"fwd_in{i}_n{n}", "eltsum_fwd", q, (x, site.output), (site.output,),
+                    f"forward of {l.name}: " + (f"{q['coeff']:g} x {l.inputs[i]}" if i == 0 else
+                                               f"add {q['coeff']:g} x {l.inputs[i]}"))
+
+
+def forward_pass(site: Site) -> None:
+    n = site.cases * site.layer.shape.size
+    site.launch(f"fwd_n{n}", "eltsum_fwd", dict(n=n, coeff=1.0, accumulate=False), (site.inputs[0], site.output),
+                (site.output,), f"forward of {site.layer.name}: a copy of {site.layer.inputs[0]}")
+
+
+def forward_eltmax(site: Site) -> None:
+    l = site.layer
+    n = site.cases * l.shape.size
+    arg = site.alloc("argmax", n)
+    for i, x in enumerate(site.inputs):
+        site.launch(f"fwd_in{i}_n{n}", "eltmax_fwd", dict(n=n, index=i, first=i == 0), (x, site.output, arg),
+                    (site.output, arg), f"forward of {l.name}: " + (f"start from {l.inputs[i]}" if i == 0 else
+                                                                     f"the maximum with {l.inputs[i]}"))
+
+
+def _concat_offsets(l: Layer) -> list[int]:
+    offsets, at = [], 0
+    for x in l.in_shapes:
+        offsets.append(at)
+        at += x.size
+    return offsets
+
+
+def forward_concat(site: Site) -> None:
+    l = site.layer
+    for i, (x, offset) in enumerate(zip(site.inputs, _concat_offsets(l))):
+        q = dict(N=site.cases, D=l.in_shapes[i].size, D_out=l.shape.size, offset=offset)
+        site.launch(f"fwd_in{i}_n{q['N']}", "concat_fwd", q, (x, site.output), (site.output,),
+                    f"forward of {l.name}: the {l.in_shapes[i].channels} channels of {l.inputs[i]}")
+
+
+# ---------------------------------------------------------------- costs: forward
+
 def forward_logreg(site: Site, loss: str, correct: str) -> None:
     l = site.layer
     q = dict(N=site.cases, C=l.in_shapes[1].size, top_k=l.args["top_k"])
@@ -134,12 +301,35 @@ def forward_logreg(site: Site, loss: str, correct: str) -> None:
                 (loss, correct), f"cost {l.name}: -log p(label) and top-{q['top_k']} correctness per case")
 
 
+def _targets(site: Site) -> str:
+    l = site.layer
+    return site.alloc("targets", site.cases * l.in_shapes[1].size)
+
+
+def forward_crossent(site: Site, loss: str, correct: str) -> None:
+    l = site.layer
+    q = dict(N=site.cases, C=l.in_shapes[1].size)
+    labels, probs = site.inputs
+    targets = _targets(site)
+    site.launch(f"onehot_n{q['N']}_c{q['C']}", "onehot", q, (labels, targets), (targets,),
+                f"cost {l.name}: the labels as one-hot targets")
+    site.launch(f"crossent_fwd_n{q['N']}_c{q['C']}", "crossent_fwd", q, (targets, probs, loss, correct),
+                (loss, correct), f"cost {l.name}: cross-entropy and correctness per case")
+
+
+def forward_sum2(site: Site, loss: str, correct: str) -> None:
+    l = site.layer
+    q = dict(N=site.cases, D=l.in_shapes[0].size)
+    site.launch(f"sum2_fwd_n{q['N']}_d{q['D']}", "sum2_fwd", q, (site.inputs[0], loss), (loss,),
+                f"cost {l.name}: sum of squares per case")
+
+
 # ---------------------------------------------------------------- backward
 
 def neuron_backward(site: Site, dy: str) -> None:
     """Turn the gradient of a fused neuron's output into that of its input, in place."""
     l = site.layer
-    if l.neuron.is_identity:
+    if l.neuron.is_identity or KINDS[l.kind].neuron_layer:
         return
     n = site.cases * l.shape.size
     site.launch(f"{l.neuron.name}_bwd_n{n}", "neuron_bwd", dict(n=n, neuron=l.neuron.to_json()),
@@ -147,19 +337,23 @@ def neuron_backward(site: Site, dy: str) -> None:
 
 
 def weight_gradients(site: Site, dy: str, accumulate: bool) -> None:
-    """Gradients of a conv / fc layer's weights (per input) and biases, summed over its cases;
-    `accumulate` adds them to the gradients of earlier passes of the same update period."""
+    """Gradients of a conv / local / fc layer's weights (per input) and biases, summed over its
+    cases; `accumulate` adds them to the gradients of earlier passes of the same update period."""
     l = site.layer
-    acc = "_acc" if accumulate else ""
+    acc = _acc(accumulate)
     inner = l.shape.height * l.shape.width
-    k = l.shape.channels if l.kind == "conv" else l.shape.size
-    site.launch(f"bias_grad_k{k}_n{site.cases}{acc}", "bias_grad",
-                dict(N=site.cases, K=k, inner=inner, accumulate=accumulate), (dy, site.grads["biases"]),
-                (site.grads["biases"],),
-                f"gradient of {l.name}'s biases: sum over cases" + (" and pixels" if inner > 1 else ""))
-    make = conv_params if l.kind == "conv" else fc_params
+    k = l.shape.channels if l.kind in ("conv", "local") else l.shape.size
+    if shared_biases(l):
+        site.launch(f"bias_grad_k{k}_n{site.cases}{acc}", "bias_grad",
+                    dict(N=site.cases, K=k, inner=inner, accumulate=accumulate), (dy, site.grads["biases"]),
+                    (site.grads["biases"],),
+                    f"gradient of {l.name}'s biases: sum over cases" + (" and pixels" if inner > 1 else ""))
+    else:
+        site.launch(f"bias_grad_k{k}_p{inner}_n{site.cases}{acc}", "bias_grad_unshared",
+                    dict(N=site.cases, K=k, inner=inner, accumulate=accumulate), (dy, site.grads["biases"]),
+                    (site.grads["biases"],), f"gradient of {l.name}'s biases (one per position): sum over cases")
     for i, (x, wname) in enumerate(zip(site.inputs, weight_names(l))):
-        q = make(l, i, site.cases)
+        q = weighted_params(l, i, site.cases)
         suffix = f"_in{i}" if len(l.inputs) > 1 else ""
         site.launch(f"bwd_filter_{_gemm_shape_tag(q, l.kind)}{suffix}{acc}", f"{l.kind}_bwd_filter",
                     dict(q, accumulate=accumulate), (x, dy, site.grads[wname]), (site.grads[wname],),
@@ -168,13 +362,12 @@ def weight_gradients(site: Site, dy: str, accumulate: bool) -> None:
 
 def backward_weighted(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
     l = site.layer
-    make = conv_params if l.kind == "conv" else fc_params
     for i, (target, wname) in enumerate(zip(dxs, weight_names(l))):
         if target is None:
             continue
         dx, acc = target
-        q = make(l, i, site.cases)
-        suffix = (f"_in{i}" if len(l.inputs) > 1 else "") + ("_acc" if acc else "")
+        q = weighted_params(l, i, site.cases)
+        suffix = (f"_in{i}" if len(l.inputs) > 1 else "") + _acc(acc)
         site.launch(f"bwd_data_{_gemm_shape_tag(q, l.kind)}{suffix}", f"{l.kind}_bwd_data", dict(q, accumulate=acc),
                     (site.params[wname], dy, dx), (dx,),
                     f"gradient of {l.name} with respect to its input {l.inputs[i]}")
@@ -185,7 +378,7 @@ def backward_pool(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> No
         return
     dx, acc = dxs[0]
     q = dict(pool_params(site.layer, site.cases), accumulate=acc)
-    site.launch(f"bwd_{q['mode']}_{q['size']}x{q['size']}s{q['stride']}_n{q['N']}{'_acc' if acc else ''}",
+    site.launch(f"bwd_{q['mode']}_{q['size']}x{q['size']}s{q['stride']}_n{q['N']}{_acc(acc)}",
                 "pool_bwd", q, (site.inputs[0], site.output, dy, dx), (dx,),
                 f"gradient of {site.layer.name} with respect to its input {site.layer.inputs[0]}")
 
@@ -195,10 +388,92 @@ def backward_softmax(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) ->
         return
     dx, acc = dxs[0]
     q = dict(N=site.cases, C=site.layer.shape.size, accumulate=acc)
-    site.launch(f"softmax_bwd_n{q['N']}_c{q['C']}{'_acc' if acc else ''}", "softmax_bwd", q,
+    site.launch(f"softmax_bwd_n{q['N']}_c{q['C']}{_acc(acc)}", "softmax_bwd", q,
                 (site.output, dy, dx), (dx,),
                 f"gradient of softmax {site.layer.name} with respect to {site.layer.inputs[0]}")
 
+
+def backward_norm(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
+    """Exact gradients of the normalisations, from the denominators the forward kept."""
+    if dxs[0] is None:
+        return
+    l = site.layer
+    dx, acc = dxs[0]
+    q = norm_params(l, site.cases)
+    denoms, md = _norm_scratch(site)
+    x = site.inputs[0]
+    shape = f"n{q['N']}_c{q['C']}_{q['size']}"
+    what = f"gradient of {l.name} with respect to its input {l.inputs[0]}"
+    if l.kind == "cnorm":
+        site.launch(f"bwd_prep_{shape}", "cnorm_bwd_prep", q, (x, dy, denoms, md), (md,),
+                    f"{what}: the window terms, in place of the mean differences")
+        site.launch(f"bwd_{shape}{_acc(acc)}", "cnorm_bwd", dict(q, accumulate=acc), (dy, denoms, md, dx), (dx,),
+                    what)
+        return
+    site.launch(f"bwd_{shape}{_acc(acc)}", f"{l.kind}_bwd", dict(q, accumulate=acc), (x, dy, denoms, dx), (dx,),
+                what)
+
+
+def backward_neuron(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
+    if dxs[0] is None:
+        return
+    l = site.layer
+    dx, acc = dxs[0]
+    n = site.cases * l.shape.size
+    site.launch(f"{l.neuron.name}_bwd_n{n}{_acc(acc)}", "neuron_bwd_input",
+                dict(n=n, neuron=l.neuron.to_json(), accumulate=acc), (site.inputs[0], dy, dx), (dx,),
+                f"gradient of {l.name} ({l.neuron}) with respect to its input {l.inputs[0]}")
+
+
+def backward_dropout(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
+    if dxs[0] is None:
+        return
+    l = site.layer
+    dx, acc = dxs[0]
+    n = site.cases * l.shape.size
+    mask = site.alloc("mask", n)
+    site.launch(f"bwd_n{n}{_acc(acc)}", "dropout_bwd", dict(n=n, accumulate=acc), (mask, dy, dx), (dx,),
+                f"gradient of {l.name}: the training mask applied to the gradient")
+
+
+def backward_eltsum(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
+    l = site.layer
+    n = site.cases * l.shape.size
+    coeffs = l.args.get("coeffs") or [1.0] * len(l.inputs)
+    for i, target in enumerate(dxs):
+        if target is None:
+            continue
+        dx, acc = target
+        q = dict(n=n, coeff=float(coeffs[i]), accumulate=acc)
+        tag = f"bwd_in{i}_n{n}{_acc(acc)}" if len(l.inputs) > 1 else f"bwd_n{n}{_acc(acc)}"
+        site.launch(tag, "eltsum_bwd", q, (dy, dx), (dx,),
+                    f"gradient of {l.name} with respect to its input {l.inputs[i]}")
+
+
+def backward_eltmax(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
+    l = site.layer
+    n = site.cases * l.shape.size
+    arg = site.alloc("argmax", n)
+    for i, target in enumerate(dxs):
+        if target is None:
+            continue
+        dx, acc = target
+        site.launch(f"bwd_in{i}_n{n}{_acc(acc)}", "eltmax_bwd", dict(n=n, index=i, accumulate=acc), (arg, dy, dx),
+                    (dx,), f"gradient of {l.name} with respect to {l.inputs[i]}, where it held the maximum")
+
+
+def backward_concat(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
+    l = site.layer
+    for i, (target, offset) in enumerate(zip(dxs, _concat_offsets(l))):
+        if target is None:
+            continue
+        dx, acc = target
+        q = dict(N=site.cases, D=l.in_shapes[i].size, D_out=l.shape.size, offset=offset, accumulate=acc)
+        site.launch(f"bwd_in{i}_n{q['N']}{_acc(acc)}", "concat_bwd", q, (dy, dx), (dx,),
+                    f"gradient of {l.name} with respect to {l.inputs[i]}: its slice of channels")
+
+
+# ---------------------------------------------------------------- costs: backward
 
 def backward_logreg(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
     """The cost's gradient: with respect to the probabilities, or, when `through_softmax`
@@ -208,7 +483,7 @@ def backward_logreg(site: Site, dxs: list[tuple[str, bool] | None], through_soft
         return
     dx, accumulate = dxs[1]
     q = dict(N=site.cases, C=l.in_shapes[1].size, coeff=l.args["coeff"], accumulate=accumulate)
-    acc = "_acc" if accumulate else ""
+    acc = _acc(accumulate)
     labels, probs = site.inputs
     if through_softmax:
         site.launch(f"softmax_logreg_bwd_n{q['N']}_c{q['C']}{acc}", "softmax_logreg_bwd", q, (labels, probs, dx),
@@ -218,13 +493,47 @@ def backward_logreg(site: Site, dxs: list[tuple[str, bool] | None], through_soft
                     f"gradient of cost {l.name} with respect to {l.inputs[1]}")
 
 
-# costs: forward(site, loss, correct); backward(site, dxs, fused softmax name or None)
-COST_FORWARD = {"logreg": forward_logreg}
-COST_BACKWARD = {"logreg": backward_logreg}
-# costs that may be differentiated through the softmax feeding them: kind -> index of that input
-FUSES_SOFTMAX = {"logreg": 1}
+def backward_crossent(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
+    """As logreg, from the one-hot targets the forward wrote."""
+    l = site.layer
+    if dxs[1] is None:
+        return
+    dx, accumulate = dxs[1]
+    q = dict(N=site.cases, C=l.in_shapes[1].size, coeff=l.args["coeff"], accumulate=accumulate)
+    acc = _acc(accumulate)
+    targets, probs = _targets(site), site.inputs[1]
+    if through_softmax:
+        site.launch(f"softmax_crossent_bwd_n{q['N']}_c{q['C']}{acc}", "softmax_crossent_bwd", q,
+                    (targets, probs, dx), (dx,),
+                    f"gradient of cost {l.name} through softmax {through_softmax}: coeff * (probs - targets)")
+    else:
+        site.launch(f"crossent_bwd_n{q['N']}_c{q['C']}{acc}", "crossent_bwd", q, (targets, probs, dx), (dx,),
+                    f"gradient of cost {l.name} with respect to {l.inputs[1]}")
 
-FORWARD = {"conv": forward_weighted, "fc": forward_weighted, "maxpool": forward_pool, "avgpool": forward_pool,
-           "softmax": forward_softmax}
-BACKWARD = {"conv": backward_weighted, "fc": backward_weighted, "maxpool": backward_pool, "avgpool": backward_pool,
-            "softmax": backward_softmax}
+
+def backward_sum2(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
+    l = site.layer
+    if dxs[0] is None:
+        return
+    dx, accumulate = dxs[0]
+    q = dict(N=site.cases, D=l.in_shapes[0].size, coeff=l.args["coeff"], accumulate=accumulate)
+    site.launch(f"sum2_bwd_n{q['N']}_d{q['D']}{_acc(accumulate)}", "sum2_bwd", q, (site.inputs[0], dx), (dx,),
+                f"gradient of cost {l.name}: 2 * coeff * {l.inputs[0]}")
+
+
+# costs: forward(site, loss, correct); backward(site, dxs, fused softmax name or None)
+COST_FORWARD = {"logreg": forward_logreg, "crossent": forward_crossent, "sum2": forward_sum2}
+COST_BACKWARD = {"logreg": backward_logreg, "crossent": backward_crossent, "sum2": backward_sum2}
+# costs that may be differentiated through the softmax feeding them: kind -> index of that input
+FUSES_SOFTMAX = {"logreg": 1, "crossent": 1}
+
+FORWARD = {"conv": forward_weighted, "local": forward_weighted, "fc": forward_weighted,
+           "maxpool": forward_pool, "avgpool": forward_pool, "softmax": forward_softmax,
+           "cmrnorm": forward_norm, "rnorm": forward_norm, "cnorm": forward_norm, "neuron": forward_neuron,
+           "dropout": forward_dropout, "dropout2": forward_dropout, "eltsum": forward_eltsum,
+           "eltmax": forward_eltmax, "concat": forward_concat, "pass": forward_pass}
+BACKWARD = {"conv": backward_weighted, "local": backward_weighted, "fc": backward_weighted,
+            "maxpool": backward_pool, "avgpool": backward_pool, "softmax": backward_softmax,
+            "cmrnorm": backward_norm, "rnorm": backward_norm, "cnorm": backward_norm, "neuron": backward_neuron,
+            "dropout": backward_dropout, "dropout2": backward_dropout, "eltsum": backward_eltsum,
+            "eltmax": backward_eltmax, "concat": backward_concat, "pass": backward_eltsum}
