@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 from cnnc import __version__
 from cnnc.check import check
 from cnnc.codegen.dialect import DIALECTS
+from cnnc.codegen.occupancy import occupancy
 from cnnc.codegen.nvcc import NvccError, compile_cubins, find_nvcc, validate_arch
 from cnnc.codegen.render import render_source
 from cnnc.diagnostics import CompileError, Diagnostic
@@ -155,7 +156,9 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
                         hint=f"the generated source is kept in {cu}; reproduce with: {e.repro}")) from None
                 produced.extend(p.name for p in result.outputs.values())
                 for kname, per_arch in result.resources.items():
-                    resources[kname] = {a: r.to_json() for a, r in per_arch.items()}
+                    threads = plan.kernels[kname].launch["cuda"]["block"][0]
+                    resources[kname] = {a: dict(r.to_json(), **occupancy(a, threads, r.registers, r.shared_bytes))
+                                        for a, r in per_arch.items()}
         write_atomic(scratch / "plan.json", json.dumps(plan.to_json(), indent=1))
         produced.append("plan.json")
         manifest = _manifest(network, plan, file, digest, archs, nvcc, resources, produced)

@@ -93,6 +93,8 @@ def _op_line(r: dict) -> str:
         regs = ""
         if res:
             regs = f"{res['registers']:3d} regs {res['shared_bytes']:6d} B smem"
+            if "occupancy" in res:
+                regs += f" occupancy {res['occupancy'] * 100:3.0f}%"
             if res.get("spill_stores"):
                 regs += f" SPILLS {res['spill_stores']} B"
         line = f"line {r['line']}" if r["line"] else ""
