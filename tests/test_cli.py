@@ -239,7 +239,8 @@ def test_run_missing_data(tiny_build_dir: Path, tmp_path: Path) -> None:
     save = tmp_path / "train"
     err = assert_user_error(cli("run", tiny_build_dir, "--backend", "reference", "--data", missing,
                                 "--save-dir", save))
-    assert first_line(err) == f"error: no such data source: {missing} (expected 'digits' or a path to a .npz file)"
+    assert first_line(err) == (f"error: no such data source: {missing} "
+                               "(expected 'digits', a .npz file or a CIFAR-10 batch folder)")
     assert not save.exists()
 
 

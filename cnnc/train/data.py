@@ -9,6 +9,7 @@ generators, so a run can be repeated exactly on another machine.
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_npz",
+    "load_cifar10",
+    "fit_images",
     "train_batches",
 ]
 
@@ -208,18 +211,93 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
                    test_x=test_x, test_y=test_y, classes=classes)
 
 
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = "test_batch"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles; allow only what they contain
+    (dicts, lists, bytes and numpy arrays), never arbitrary classes."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        data = np.asarray(d[b"data"] if b"data" in d else d["data"], dtype=np.uint8)
+        labels = np.asarray(d[b"labels"] if b"labels" in d else d["labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({e.__class__.__name__}: {e})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"{path}: expected 'data' of shape [n, 3072] and one label per row, "
+                        f"got {data.shape} and {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(folder: str | os.PathLike[str]) -> Dataset:
+    """CIFAR-10 in its python batch format: data_batch_1..5 (training) and test_batch.
+
+    Scaled to [0, 1] and centred on the training set's per-pixel mean, like the
+    digits; batches that are absent are skipped (data_batch_1 is enough to train)."""
+    folder = Path(folder)
+    train = [folder / n for n in CIFAR_TRAIN if (folder / n).is_file()]
+    if not train or not (folder / CIFAR_TEST).is_file():
+        raise DataError(f"{folder}: a CIFAR-10 folder needs data_batch_1 (..5) and test_batch")
+    xs, ys = zip(*(_cifar_batch(p) for p in train))
+    tx, ty = _cifar_batch(folder / CIFAR_TEST)
+    train_x = np.concatenate(xs).astype(np.float32) / 255.0
+    mean = train_x.mean(axis=0, keepdims=True)
+    labels = np.concatenate(ys)
+    if labels.min(initial=0) < 0 or max(labels.max(initial=0), ty.max(initial=0)) > 9:
+        raise DataError(f"{folder}: CIFAR-10 labels must be 0..9")
+    return Dataset("cifar10", np.ascontiguousarray(train_x - mean), labels.astype(np.int32),
+                   np.ascontiguousarray(tx.astype(np.float32) / 255.0 - mean), ty.astype(np.int32), 10)
+
+
 def load_dataset(spec: str | os.PathLike[str] | None) -> Dataset:
-    """Resolve a command-line data argument: 'digits' (default) or a .npz."""
+    """Resolve a command-line data argument: 'digits' (default), a .npz, or a CIFAR-10 folder."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "digits"):
         return load_digits()
     path = Path(spec)
     if not path.exists():
         raise DataError(f"no such data source: {spec} "
-                        f"(expected 'digits' or a path to a .npz file)")
+                        f"(expected 'digits', a .npz file or a CIFAR-10 batch folder)")
+    if path.is_dir():
+        return load_cifar10(path)
     if path.suffix.lower() != ".npz":
         raise DataError(f"unsupported data source: {spec} "
-                        f"(expected 'digits' or a .npz file)")
+                        f"(expected 'digits', a .npz file or a CIFAR-10 batch folder)")
     return load_npz(path)
+
+
+def fit_images(x: np.ndarray, shape: tuple[int, int, int], rng: np.random.Generator | None) -> np.ndarray:
+    """Crop images to the network's input size, as cuda-convnet2 crops its inner size:
+    a random crop and a random horizontal flip per image when training (rng given),
+    the centre crop when evaluating (rng None)."""
+    _, c, h, w = x.shape
+    if (c, h, w) == tuple(shape):
+        return x
+    _, th, tw = shape
+    if rng is None:
+        top, left = (h - th) // 2, (w - tw) // 2
+        return np.ascontiguousarray(x[:, :, top:top + th, left:left + tw])
+    out = np.empty((len(x), c, th, tw), np.float32)
+    tops = rng.integers(0, h - th + 1, len(x))
+    lefts = rng.integers(0, w - tw + 1, len(x))
+    flips = rng.random(len(x)) < 0.5
+    for i in range(len(x)):
+        crop = x[i, :, tops[i]:tops[i] + th, lefts[i]:lefts[i] + tw]
+        out[i] = crop[:, :, ::-1] if flips[i] else crop
+    return out
 
 
 # --- batching --------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 from cnnc.backends.base import Backend
 from cnnc.executor import Executor
 from cnnc.plan.schedule import Plan
-from cnnc.train.data import DataError, Dataset, batches_per_epoch, eval_batches, train_batches
+from cnnc.train.data import DataError, Dataset, batches_per_epoch, eval_batches, fit_images, train_batches
 from cnnc.train.weights import WEIGHTS_FILE, save_weights
 
 
@@ -39,8 +39,11 @@ class Evaluation:
 
 
 def check_data(plan: Plan, ds: Dataset) -> None:
-    """The data must have the image shape the network was compiled for."""
-    if tuple(ds.image_shape) != tuple(plan.image_shape):
+    """The data must have the image shape the network was compiled for, or be larger
+    in height and width with the same channels (then it is cropped to it)."""
+    c, h, w = ds.image_shape
+    nc, nh, nw = plan.image_shape
+    if c != nc or h < nh or w < nw:
         want = "x".join(map(str, plan.image_shape))
         got = "x".join(map(str, ds.image_shape))
         raise DataError(f"{ds.name}: images are {got} but the network '{plan.network}' takes {want}")
@@ -49,9 +52,9 @@ def check_data(plan: Plan, ds: Dataset) -> None:
 
 
 def evaluate(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[float, float]:
-    """(mean loss, error rate) over every case of (x, y)."""
+    """(mean loss, error rate) over every case of (x, y), on centre crops where the images are larger."""
     losses, wrong, n = 0.0, 0.0, 0
-    for bx, by, real in eval_batches(x, y, batch):
+    for bx, by, real in eval_batches(fit_images(x, ex.plan.image_shape, None), y, batch):
         loss, correct = ex.evaluate(bx, by)
         losses += float(loss[:real].astype(np.float64).sum())
         wrong += float(real - correct[:real].sum())
@@ -74,8 +77,9 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
     for epoch in range(1, epochs + 1):
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
         bar = progress(total=steps, desc=f"epoch {epoch}/{epochs}") if progress else None
+        crops = np.random.default_rng([plan.seed, epoch, 1])
         for bx, by in train_batches(ds, plan.batch, epoch, plan.seed):
-            loss, correct = ex.train_step(bx, by, step / total)
+            loss, correct = ex.train_step(fit_images(bx, plan.image_shape, crops), by, step / total)
             step += 1
             loss_sum += float(loss.astype(np.float64).sum())
             seen += len(by)
