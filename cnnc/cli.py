@@ -121,9 +121,8 @@ def import_(layers: Path, params: Path, input_shapes, mini: int | None, classes:
     from cnnc.build import write_atomic
 
     write_atomic(out, imported.text)
-    replicas = "/".join(map(str, imported.replica_levels))
-    click.echo(f"imported {imported.name}: {len(imported.layers)} layers, {replicas} replica(s) per layer "
-               f"-> {out}")
+    replicas = " and ".join(map(str, imported.replica_levels))
+    click.echo(f"imported {imported.name}: {len(imported.layers)} layers, replicas per layer: {replicas} -> {out}")
 
 
 @main.command()
@@ -194,10 +193,10 @@ def check(source: Path) -> None:
     net = check_program(parse_file(source))
     click.echo(f"network {net.name}: batch {net.batch}, {net.epochs} epochs, seed {net.seed}")
     for i in net.inputs:
-        click.echo(f"  {i.name:<12} input   {i.shape if i.kind == 'image' else f'label({i.classes})'}")
+        click.echo(f"  {i.name:<12} input    {i.shape if i.kind == 'image' else f'label({i.classes})'}")
     for l in net.layers:
         extra = f" {l.neuron}" if not l.neuron.is_identity else ""
-        click.echo(f"  {l.name:<12} {l.kind:<7} {str(l.shape):<10} <- {', '.join(l.inputs)}{extra}"
+        click.echo(f"  {l.name:<12} {l.kind:<8} {str(l.shape):<10} <- {', '.join(l.inputs)}{extra}"
                    f"  @gpu({','.join(map(str, l.gpus))})")
 
 

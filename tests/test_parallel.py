@@ -51,9 +51,11 @@ def batches(steps: int):
             for _ in range(steps)]
 
 
-def train(src: str, backend: str, steps: int, tmp: Path, gpus=(0, 1, 2, 3)):
+def train(src: str, backend: str, steps: int, tmp: Path, gpus=None):
     out = tmp / f"b{abs(hash((src, backend)))}"
     plan = compile_network(src, "par.cnn", out, use_nvcc=False).plan
+    if gpus is None:                 # the OpenCL device (PoCL) is one device: logical devices share it
+        gpus = [0] * 4 if backend == "opencl" else [0, 1, 2, 3]
     ex = Executor(plan, make_backend(backend, plan, out, list(gpus)))
     losses = [ex.train_step(x, y, i / steps)[0] for i, (x, y) in enumerate(batches(steps))]
     return np.concatenate(losses), ex.parameters(), ex.replica_parameters(), plan
@@ -276,7 +278,7 @@ def test_exchange_schemes_equal_single_device(scheme, tmp_path):
     def train16(text, backend):
         out = tmp_path / f"b{abs(hash(text))}"
         plan = compile_network(text, "par.cnn", out, use_nvcc=False).plan
-        ex = Executor(plan, make_backend(backend, plan, out, [0, 1, 2, 3]))
+        ex = Executor(plan, make_backend(backend, plan, out, [0, 0, 0, 0]))
         rng = np.random.default_rng(1)
         losses = []
         for i in range(2):
@@ -298,3 +300,16 @@ def test_scatter_needs_divisible_shares(tmp_path):
         "init_w = 0.1 }", "init_w = 0.1; exchange = scatter }")
     with pytest.raises(CompileError, match="exchange = scatter sends 1/4 of each replica's 2 cases"):
         compile_network(text, "par.cnn", tmp_path, use_nvcc=False)
+
+
+def test_data_parallel_on_two_opencl_sub_devices(single_reference, tmp_path, monkeypatch):
+    """Split the CPU into two OpenCL devices: the replicas really run on different devices."""
+    monkeypatch.setenv("CNNC_OPENCL_SUBDEVICES", "2")
+    from cnnc.backends.opencl import _physical_devices
+    try:
+        if len(_physical_devices()) < 2:
+            pytest.skip("this OpenCL device cannot be split in two")
+    except Exception as e:                  # the device does not support partitioning
+        pytest.skip(f"this OpenCL device cannot be split: {e}")
+    got = train(source(PLACEMENTS["data-2"]), "opencl", 3, tmp_path, gpus=(0, 1))
+    assert_same_training(single_reference[3], got)

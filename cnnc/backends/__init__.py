@@ -35,7 +35,7 @@ def make_backend(name: str, plan: Plan, build_dir: Path, gpus: Sequence[int]) ->
             if not f.is_file():
                 raise BackendError(f"{f} is missing; recompile with cnnc compile")
             sources[l] = f.read_text()
-        return OpenCLBackend(sources, logical)
+        return OpenCLBackend(sources, logical, {l: gpus[l] for l in logical})
     if name == "cuda":
         from cnnc.backends.cuda import CudaBackend
         return CudaBackend(Path(build_dir), {l: gpus[l] for l in logical})

@@ -66,19 +66,51 @@ def _pick_device():
                        + ". On CPUs newer than pip's PoCL knows, install Debian's pocl-opencl-icd")
 
 
+def _physical_devices():
+    """The OpenCL devices `--gpus` ids index: the chosen device, or its sub-devices when
+    CNNC_OPENCL_SUBDEVICES=N asks to split it into N equal parts (a CPU's cores, say),
+    which lets one machine run a multi-device plan on really separate devices."""
+    import pyopencl as cl
+
+    device = _pick_device()
+    parts = os.environ.get("CNNC_OPENCL_SUBDEVICES")
+    if not parts:
+        return [device]
+    try:
+        n = int(parts)
+        units = device.max_compute_units // n
+        subs = device.create_sub_devices([cl.device_partition_property.EQUALLY, units, 0])
+    except (ValueError, ZeroDivisionError, cl.Error) as e:
+        raise BackendError(f"CNNC_OPENCL_SUBDEVICES={parts!r}: cannot split {device.name.strip()} "
+                           f"({device.max_compute_units} compute units) into equal parts: {e}") from None
+    return list(subs)[:n]
+
+
 class OpenCLBackend(Backend):
     name = "opencl"
 
-    def __init__(self, sources: dict[int, str], logical_devices: Sequence[int]):
-        """`sources` maps each logical device to the OpenCL C its kernels are in."""
+    def __init__(self, sources: dict[int, str], logical_devices: Sequence[int],
+                 physical: dict[int, int] | None = None):
+        """`sources` maps each logical device to the OpenCL C its kernels are in; `physical`
+        maps each logical device to an OpenCL device (an index into the usable devices)."""
         try:
             import pyopencl as cl
         except ImportError as e:                      # a regular dependency, but say so clearly
             raise BackendError(f"pyopencl is not importable: {e}") from None
         self.cl = cl
-        self.device = _pick_device()
-        self.ctx = cl.Context([self.device])
-        self.queues = {d: cl.CommandQueue(self.ctx) for d in logical_devices}
+        devices = _physical_devices()
+        physical = physical or {d: 0 for d in logical_devices}
+        bad = sorted({p for p in physical.values() if p >= len(devices)})
+        if bad:
+            raise BackendError(f"--gpus names OpenCL device {bad[0]}, but {len(devices)} is available; repeat an id "
+                               f"to put several logical devices on one device (e.g. --gpus "
+                               f"{','.join('0' for _ in physical)}), or split a CPU with "
+                               f"CNNC_OPENCL_SUBDEVICES=N")
+        self.used = sorted(set(physical.values()))
+        self.device = devices[self.used[0]]
+        self.ctx = cl.Context([devices[p] for p in self.used])
+        self.queues = {d: cl.CommandQueue(self.ctx, device=devices[physical[d]]) for d in logical_devices}
+        self.device_names = [devices[p].name.strip() for p in self.used]
         self.events: dict[str, object] = {}
         self.programs = {}
         self._kernels: dict[tuple[int, str], object] = {}
@@ -140,4 +172,6 @@ class OpenCLBackend(Backend):
             q.finish()
 
     def describe(self) -> str:
-        return f"opencl ({self.device.name.strip()}, {self.device.platform.name.strip()})"
+        where = self.device_names[0] if len(self.used) == 1 else f"{len(self.used)} devices: " + \
+            ", ".join(self.device_names)
+        return f"opencl ({where}, {self.device.platform.name.strip()})"
