@@ -34,7 +34,7 @@ from cnnc.codegen.occupancy import occupancy
 from cnnc.codegen.nvcc import NvccError, compile_cubins, find_nvcc, validate_arch
 from cnnc.codegen.render import render_source
 from cnnc.diagnostics import CompileError, Diagnostic
-from cnnc.frontend.parser import parse
+from cnnc.frontend.parser import parse, read_source
 from cnnc.ir import Network
 from cnnc.plan.planner import plan as make_plan
 from cnnc.plan.schedule import PLAN_FORMAT, Plan
@@ -238,14 +238,7 @@ def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc,
 
 
 def compile_file(path: str | Path, out_dir: str | Path, **kw) -> BuildResult:
-    path = Path(path)
-    try:
-        source = path.read_text()
-    except FileNotFoundError:
-        raise CompileError(Diagnostic("no such file", str(path))) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CompileError(Diagnostic(f"cannot read: {e.__class__.__name__}", str(path))) from None
-    return compile_network(source, str(path), Path(out_dir), **kw)
+    return compile_network(read_source(path), str(path), Path(out_dir), **kw)
 
 
 def load_plan(build_dir: str | Path) -> Plan:

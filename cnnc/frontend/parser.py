@@ -255,12 +255,16 @@ def parse(source: str, file: str = "<input>") -> ast.Program:
     return ast.Program(str(name), statements, file, source, _span(name))
 
 
-def parse_file(path: str | Path) -> ast.Program:
+def read_source(path: str | Path) -> str:
+    """A source file's text, or a CompileError naming the file."""
     path = Path(path)
     try:
-        source = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise CompileError(Diagnostic("no such file", str(path))) from None
     except (OSError, UnicodeDecodeError) as e:
         raise CompileError(Diagnostic(f"cannot read file: {e.__class__.__name__}", str(path))) from None
-    return parse(source, str(path))
+
+
+def parse_file(path: str | Path) -> ast.Program:
+    return parse(read_source(path), str(path))

@@ -475,40 +475,29 @@ def backward_concat(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> 
 
 # ---------------------------------------------------------------- costs: backward
 
-def backward_logreg(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
-    """The cost's gradient: with respect to the probabilities, or, when `through_softmax`
-    names the softmax feeding it, directly with respect to that softmax's input."""
+def _probability_cost_backward(site: Site, dxs, through_softmax: str | None, kind: str, first: str,
+                               target: str) -> None:
+    """The gradient of a cost over (labels or targets, probabilities): with respect to the
+    probabilities, or, when `through_softmax` names the softmax feeding it, directly with
+    respect to that softmax's input (exact and numerically stable)."""
     l = site.layer
     if dxs[1] is None:
         return
     dx, accumulate = dxs[1]
     q = dict(N=site.cases, C=l.in_shapes[1].size, coeff=l.args["coeff"], accumulate=accumulate)
-    acc = _acc(accumulate)
-    labels, probs = site.inputs
-    if through_softmax:
-        site.launch(f"softmax_logreg_bwd_n{q['N']}_c{q['C']}{acc}", "softmax_logreg_bwd", q, (labels, probs, dx),
-                    (dx,), f"gradient of cost {l.name} through softmax {through_softmax}: coeff * (probs - onehot)")
-    else:
-        site.launch(f"logreg_bwd_n{q['N']}_c{q['C']}{acc}", "logreg_bwd", q, (labels, probs, dx), (dx,),
-                    f"gradient of cost {l.name} with respect to {l.inputs[1]}")
+    op = f"softmax_{kind}_bwd" if through_softmax else f"{kind}_bwd"
+    summary = (f"gradient of cost {l.name} through softmax {through_softmax}: coeff * (probs - {target})"
+               if through_softmax else f"gradient of cost {l.name} with respect to {l.inputs[1]}")
+    site.launch(f"{op}_n{q['N']}_c{q['C']}{_acc(accumulate)}", op, q, (first, site.inputs[1], dx), (dx,), summary)
+
+
+def backward_logreg(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
+    _probability_cost_backward(site, dxs, through_softmax, "logreg", site.inputs[0], "onehot")
 
 
 def backward_crossent(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:
     """As logreg, from the one-hot targets the forward wrote."""
-    l = site.layer
-    if dxs[1] is None:
-        return
-    dx, accumulate = dxs[1]
-    q = dict(N=site.cases, C=l.in_shapes[1].size, coeff=l.args["coeff"], accumulate=accumulate)
-    acc = _acc(accumulate)
-    targets, probs = _targets(site), site.inputs[1]
-    if through_softmax:
-        site.launch(f"softmax_crossent_bwd_n{q['N']}_c{q['C']}{acc}", "softmax_crossent_bwd", q,
-                    (targets, probs, dx), (dx,),
-                    f"gradient of cost {l.name} through softmax {through_softmax}: coeff * (probs - targets)")
-    else:
-        site.launch(f"crossent_bwd_n{q['N']}_c{q['C']}{acc}", "crossent_bwd", q, (targets, probs, dx), (dx,),
-                    f"gradient of cost {l.name} with respect to {l.inputs[1]}")
+    _probability_cost_backward(site, dxs, through_softmax, "crossent", _targets(site), "targets")
 
 
 def backward_sum2(site: Site, dxs: list[tuple[str, bool] | None], through_softmax: str | None) -> None:

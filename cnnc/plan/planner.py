@@ -515,17 +515,23 @@ class _Planner:
         lowering.neuron_backward(site, dy)
         if KINDS[l.kind].has_weights:
             lowering.weight_gradients(site, dy, accumulate=p % self.period(l) != 0)
+        targets, finishes = self.gradient_targets(l.inputs, l, j, p, d, needs)
+        lowering.BACKWARD[l.kind](site, dy, targets)
+        for finish in finishes:
+            finish()
+
+    def gradient_targets(self, names, consumer: Layer, j: int, p: int, d: int, needs: set[str]):
+        """For each input: (buffer, accumulate) where the consumer writes its gradient, or None
+        when that input needs none; and the finish() calls that move contributions home."""
         targets, finishes = [], []
-        for name in l.inputs:
+        for name in names:
             if name in needs:
-                dx, acc, finish = self.contribution(name, l, j, p, d)
+                dx, acc, finish = self.contribution(name, consumer, j, p, d)
                 targets.append((dx, acc))
                 finishes.append(finish)
             else:
                 targets.append(None)
-        lowering.BACKWARD[l.kind](site, dy, targets)
-        for finish in finishes:
-            finish()
+        return targets, finishes
 
     def fused_with_cost(self, softmax: Layer) -> bool:
         """A softmax whose only consumer is a cost that can be differentiated through it."""
@@ -540,15 +546,8 @@ class _Planner:
             probs = self.net.node(l.inputs[lowering.FUSES_SOFTMAX[l.kind]])
             if isinstance(probs, Layer) and probs.kind == "softmax" and self.fused_with_cost(probs):
                 fused = probs
-        targets, finishes = [], []
-        for i, name in enumerate(l.inputs):
-            target = fused.inputs[0] if fused is not None and name == fused.name else name
-            if target in needs:
-                dx, acc, finish = self.contribution(target, l, j, p, d)
-                targets.append((dx, acc))
-                finishes.append(finish)
-            else:
-                targets.append(None)
+        names = [fused.inputs[0] if fused is not None and name == fused.name else name for name in l.inputs]
+        targets, finishes = self.gradient_targets(names, l, j, p, d, needs)
         if any(targets):
             lowering.COST_BACKWARD[l.kind](site, targets, fused.name if fused is not None else None)
         for finish in finishes:
