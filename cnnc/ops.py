@@ -90,7 +90,9 @@ OPS: dict[str, OpSpec] = {
                "w = q*stride-pad+s of w[k,c mod C/groups,r,s] * dy[n,k,p,q]"),
         OpSpec("conv_bwd_filter", (("x", I), ("dy", I), ("dw", O)), _CONV + ("accumulate",) + _GROUPS,
                "dw[k,c,r,s] (+)= sum_{n,p,q} dy[n,k,p,q] * x[n,g*C/groups+c,p*stride-pad+r,q*stride-pad+s], "
-               "g = k // (K/groups)"),
+               "g = k // (K/groups).  With split > 1 (ungrouped only) dw is a workspace of `split` partial "
+               "sums, slice z summing the flattened (n,p,q) indices z*split_k .. (z+1)*split_k - 1",
+               optional=("split", "split_k")),
         OpSpec("bias_grad", (("dy", I), ("db", O)), ("N", "K", "inner", "accumulate"),
                "db[k] (+)= sum_{n<N, i<inner} dy[(n*K + k)*inner + i]"),
         OpSpec("fc_fwd", (("x", I), ("w", I), ("b", I), ("y", O)), ("N", "I", "O", "neuron"),
@@ -218,9 +220,10 @@ OPS: dict[str, OpSpec] = {
         OpSpec("bias_grad_unshared", (("dy", I), ("db", O)), ("N", "K", "inner", "accumulate"),
                "db[k*inner + i] (+)= sum_{n<N} dy[(n*K + k)*inner + i]: unshared (per position) biases "
                "of conv (shared_biases=False) and local layers, inner = P*Q"),
-        OpSpec("replica_sum", (("stage", I), ("g", IO)), ("R", "n", "offset"),
-               "g[offset + i] = sum over r = 0..R-1, in that order, of stage[r*n + i]: one chunk of the "
-               "reduce-scatter that sums replicated weights' gradients"),
+        OpSpec("replica_sum", (("stage", I), ("g", IO)), ("R", "n", "offset", "accumulate"),
+               "g[offset + i] (+)= sum over r = 0..R-1, in that order, of stage[r*n + i]: one chunk of the "
+               "reduce-scatter that sums replicated weights' gradients, or the R partial sums of a "
+               "split-K weight gradient"),
         OpSpec("sgd_update",
                (("w", IO), ("dw", I), ("inc", IO), ("lr", S), ("momentum", S), ("weight_decay", S),
                 ("inv_cases", S)),

@@ -61,7 +61,10 @@ def cases():
         out.append(("logreg_bwd", dict(N=N, C=C, coeff=1.0 + i, accumulate=bool(i % 2))))
         out.append(("softmax_logreg_bwd", dict(N=N, C=C, coeff=0.5 + i, accumulate=not i % 2)))
     out.append(("replica_sum", dict(R=3, n=50, offset=7)))
-    out.append(("replica_sum", dict(R=2, n=1000, offset=0)))
+    out.append(("replica_sum", dict(R=2, n=1000, offset=0, accumulate=True)))
+    # split-K weight gradients: partial sums per slice of the (case, row, column) reduction
+    out.append(("conv_bwd_filter", dict(conv(4, 5, 9, 9, 6, 3, 1, 1), split=3, split_k=112)))
+    out.append(("conv_bwd_filter", dict(conv(3, 3, 11, 11, 70, 5, 2, 2), split=4, split_k=48)))
     out.append(("sgd_update", dict(n=1000)))
     out.append(("sgd_update", dict(n=7)))
     out += layer_op_cases()
@@ -170,7 +173,8 @@ def buffer_size(op: str, name: str, p: dict) -> int:
     }
     if op.startswith("conv"):
         s = sizes["conv"]
-        return {"x": s["x"], "dx": s["x"], "w": s["w"], "dw": s["w"], "b": s["b"], "y": s["y"], "dy": s["y"]}[name]
+        dw = s["w"] * p.get("split", 1)
+        return {"x": s["x"], "dx": s["x"], "w": s["w"], "dw": dw, "b": s["b"], "y": s["y"], "dy": s["y"]}[name]
     if op.startswith("fc"):
         return {"x": p["N"] * p["I"], "dx": p["N"] * p["I"], "w": p["I"] * p["O"], "dw": p["I"] * p["O"],
                 "b": p["O"], "y": p["N"] * p["O"], "dy": p["N"] * p["O"]}[name]

@@ -437,6 +437,9 @@ def accumulate_case(name, rng):
     if name == "fc_bwd_filter":
         p = fc_params(3, 4, 5)
         return p, dict(x=rng.standard_normal((3, 4)), dy=rng.standard_normal((3, 5)), dw=np.zeros((4, 5)))
+    if name == "replica_sum":
+        p = dict(R=3, n=5, offset=0)
+        return p, dict(stage=rng.standard_normal(15), g=np.zeros(5))
     if name == "bias_grad":
         p = dict(N=3, K=4, inner=5)
         return p, dict(dy=rng.standard_normal((3, 4, 5)), db=np.zeros(4))
@@ -459,7 +462,8 @@ def accumulate_case(name, rng):
 @pytest.mark.parametrize("name", sorted(n for n, s in OPS.items() if "accumulate" in s.params))
 def test_accumulate_adds_to_existing_contents(rng, name):
     p, arrays = accumulate_case(name, rng)
-    (out,) = [a for a, role in OPS[name].args if role is Role.OUT]
+    (out,) = [a for a, role in OPS[name].args if role is Role.OUT] or \
+        [a for a, role in OPS[name].args if role is Role.INOUT]
     fresh = run(name, p, **arrays)[out]
     before = rng.standard_normal(arrays[out].shape)
     overwritten = run(name, dict(p, accumulate=False), **dict(arrays, **{out: before}))[out]
@@ -964,3 +968,18 @@ def _layer_accumulate_cases():
 
 
 LAYER_ACCUMULATE_CASES = _layer_accumulate_cases()
+
+
+def test_split_k_partials_sum_to_the_weight_gradient(rng):
+    """conv_bwd_filter with split > 1 writes partial sums; replica_sum adds them to the full gradient."""
+    p, x, w, _, dy = conv_inputs(rng, CONV_SHAPES[2])
+    full = np.zeros_like(w)
+    REFERENCE_OPS["conv_bwd_filter"](p, x.reshape(-1), dy.reshape(-1), full.reshape(-1))
+    reduction = p["N"] * p["P"] * p["Q"]
+    split_k = -(-reduction // 3)
+    split = -(-reduction // split_k)
+    partials = np.zeros(split * w.size)
+    REFERENCE_OPS["conv_bwd_filter"](dict(p, split=split, split_k=split_k), x.reshape(-1), dy.reshape(-1), partials)
+    summed = np.zeros(w.size)
+    REFERENCE_OPS["replica_sum"](dict(R=split, n=w.size, offset=0), partials, summed)
+    np.testing.assert_allclose(summed, full.reshape(-1), rtol=1e-10, atol=1e-12)

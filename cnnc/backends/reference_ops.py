@@ -171,9 +171,21 @@ def conv_bwd_data(p, w, dy, dx):
 
 
 def conv_bwd_filter(p, x, dy, dw):
-    """dw = sum over cases and positions of dy times the input window, group by group."""
+    """dw = sum over cases and positions of dy times the input window, group by group.
+
+    With split > 1 (split-K), dw holds `split` partial sums, slice z covering the
+    reduction indices (case, row, column) z*split_k .. (z+1)*split_k - 1."""
     xs, ws, ys = _conv_shapes(p)
     x4, dy4 = _in(x, xs), _in(dy, ys)
+    if p.get("split", 1) > 1:
+        cols = _windows(x4, -p["pad"], p["P"], p["Q"], p["R"], p["S"], p["stride"])   # [N, C, P, Q, R, S]
+        cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(-1, p["C"] * p["R"] * p["S"])
+        g = dy4.transpose(0, 2, 3, 1).reshape(-1, p["K"])
+        out = _out(dw, (p["split"], p["K"], p["C"] * p["R"] * p["S"]))
+        for z in range(p["split"]):
+            lo, hi = z * p["split_k"], min((z + 1) * p["split_k"], len(g))
+            out[z] = g[lo:hi].T @ cols[lo:hi]
+        return
     parts = []
     for cs, ks in _groups(p):
         cols = _windows(x4[:, cs], -p["pad"], p["P"], p["Q"], p["R"], p["S"], p["stride"])
@@ -605,12 +617,12 @@ def bias_grad_unshared(p, dy, db):
 
 
 def replica_sum(p, stage, g):
-    """g[offset:offset+n] = the R chunks of stage added in replica order."""
+    """g[offset:offset+n] (+)= the R chunks of stage added in order."""
     rows = _in(stage, (p["R"], p["n"]))
     total = rows[0].copy()
     for r in range(1, p["R"]):
         total = total + rows[r]
-    g[p["offset"]:p["offset"] + p["n"]] = total
+    _store(g[p["offset"]:p["offset"] + p["n"]], total, p)
 
 
 REFERENCE_OPS: dict[str, Callable] = {

@@ -143,7 +143,10 @@ def gemm_shape(op: str, p: dict) -> dict:
     if op == "conv_bwd_data":
         return dict(M=p["C"], N=p["N"] * p["H"] * p["W"], K=p["K"] * p["R"] * p["S"], a_fast="k", b_fast="n")
     if op == "conv_bwd_filter":
-        return dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k")
+        g = dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k")
+        if p.get("split", 1) > 1:      # split-K: grid z = slice of the reduction, partial sums apart
+            g.update(batch=p["split"], split=p["split"], split_k=p["split_k"])
+        return g
     if op == "local_fwd":          # one GEMM per output position (grid z)
         return dict(M=p["K"], N=p["N"], K=p["C"] * p["R"] * p["S"], a_fast="k", b_fast="k",
                     batch=p["P"] * p["Q"])

@@ -355,9 +355,44 @@ def weight_gradients(site: Site, dy: str, accumulate: bool) -> None:
     for i, (x, wname) in enumerate(zip(site.inputs, weight_names(l))):
         q = weighted_params(l, i, site.cases)
         suffix = f"_in{i}" if len(l.inputs) > 1 else ""
+        summary = f"gradient of {l.name}'s weights" + (f" for input {l.inputs[i]}" if suffix else "")
+        split, split_k = split_k_for(l, q)
+        if split > 1:
+            n = q["K"] * q["C"] * q["R"] * q["S"]
+            partials = site.alloc(f"{wname}.partials{suffix}", split * n)
+            site.launch(f"bwd_filter_{_gemm_shape_tag(q, l.kind)}{suffix}_split{split}", "conv_bwd_filter",
+                        dict(q, split=split, split_k=split_k), (x, dy, partials), (partials,),
+                        summary + f", split-K: {split} slices of {split_k} of the {q['N'] * q['P'] * q['Q']} "
+                                  f"summed positions, one partial sum each")
+            site.launch(f"sum_partials_{wname.replace('.', '_')}{suffix}_r{split}_n{n}{acc}", "replica_sum",
+                        dict(R=split, n=n, offset=0, accumulate=accumulate), (partials, site.grads[wname]),
+                        (site.grads[wname],), f"add the {split} split-K partial sums of {l.name}'s weight gradient, "
+                                              f"in order")
+            continue
         site.launch(f"bwd_filter_{_gemm_shape_tag(q, l.kind)}{suffix}{acc}", f"{l.kind}_bwd_filter",
-                    dict(q, accumulate=accumulate), (x, dy, site.grads[wname]), (site.grads[wname],),
-                    f"gradient of {l.name}'s weights" + (f" for input {l.inputs[i]}" if suffix else ""))
+                    dict(q, accumulate=accumulate), (x, dy, site.grads[wname]), (site.grads[wname],), summary)
+
+
+# Split-K for convolution weight gradients: a GEMM with few output tiles (filters x C*R*S) and a
+# long reduction (cases x output pixels) would occupy only a few SMs; cutting the reduction into
+# slices gives every slice its own work-groups, and the partial sums are added in a fixed order
+# (no atomics), so results stay deterministic.
+SPLIT_TARGET_GROUPS = 160       # enough work-groups for every SM of a current GPU
+SPLIT_MIN_SLICE = 1024          # below this many summed positions per slice, splitting does not pay
+
+
+def split_k_for(l: Layer, q: dict) -> tuple[int, int]:
+    """(slices, positions per slice) for a conv layer's weight gradient; (1, 0) when not worth it."""
+    if l.kind != "conv" or q.get("groups", 1) != 1:
+        return 1, 0
+    reduction = q["N"] * q["P"] * q["Q"]
+    tiles = -(-q["K"] // 64) * -(-(q["C"] * q["R"] * q["S"]) // 64)
+    split = min(64, -(-SPLIT_TARGET_GROUPS // tiles), reduction // SPLIT_MIN_SLICE)
+    if split < 2:
+        return 1, 0
+    split_k = -(-reduction // split)
+    split_k = -(-split_k // 16) * 16                 # whole BK steps per slice
+    return -(-reduction // split_k), split_k
 
 
 def backward_weighted(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
