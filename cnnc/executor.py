@@ -99,19 +99,19 @@ class Executor:
     def _execute(self, device: int, op: Op, progress: float) -> None:
         b = self.backend
         if op.kind == "launch":
-            b.launch(self.plan.kernels[op.kernel], device, self._launch_args(op, progress))
+            b.launch(self.plan.kernels[op.kernel], device, self._launch_args(op, progress), op.stream)
         elif op.kind == "copy":
             src = self.plan.buffers[op.src]
             b.copy(self.handles[op.src], src.device, op.src_offset, self.handles[op.dst], device, op.dst_offset,
-                   op.count)
+                   op.count, op.stream)
         elif op.kind == "upload":
             host = self.host[op.input]
             data = np.concatenate([host[start:start + count] for start, count in op.cases])
-            b.upload(self.handles[op.dst], np.ascontiguousarray(data).reshape(-1))
+            b.upload(self.handles[op.dst], np.ascontiguousarray(data).reshape(-1), op.stream)
         elif op.kind == "record":
-            b.record(op.event, device)
+            b.record(op.event, device, op.stream)
         elif op.kind == "wait":
-            b.wait(op.event, device)
+            b.wait(op.event, device, op.stream)
         else:
             raise ExecutionError(f"unknown op kind {op.kind!r}")
 

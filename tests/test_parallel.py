@@ -313,3 +313,22 @@ def test_data_parallel_on_two_opencl_sub_devices(single_reference, tmp_path, mon
         pytest.skip(f"this OpenCL device cannot be split: {e}")
     got = train(source(PLACEMENTS["data-2"]), "opencl", 3, tmp_path, gpus=(0, 1))
     assert_same_training(single_reference[3], got)
+
+
+def test_round_robin_copies_run_beside_compute(tmp_path):
+    """The copy of the next share is on the copy-in stream and waits only for the replica that
+    produced it, not for this device's compute of the current pass."""
+    plan = compile_network(source(PLACEMENTS["hybrid-4-to-1"]), "par.cnn", tmp_path, use_nvcc=False).plan
+    ops = plan.programs["train"][0]
+    recorded_on = {}
+    for dev, program in plan.programs["train"].items():
+        for op in program:
+            if op.kind == "record":
+                recorded_on[op.event] = (dev, op.stream)
+    copies = [i for i, op in enumerate(ops) if op.kind == "copy" and op.phase == "forward" and op.pass_ >= 1]
+    assert copies and all(ops[i].stream == "copy-in" for i in copies)
+    for i in copies:
+        j = i - 1
+        while j >= 0 and ops[j].kind == "wait" and ops[j].stream == "copy-in":
+            assert recorded_on[ops[j].event][0] != 0, "a copy waits for this device's own compute"
+            j -= 1

@@ -32,7 +32,7 @@ class Backend(ABC):
         return handle
 
     @abstractmethod
-    def upload(self, handle: Any, array: np.ndarray) -> None:
+    def upload(self, handle: Any, array: np.ndarray, stream: str = "compute") -> None:
         """Copy a host array (of the buffer's size and dtype) into device memory."""
 
     @abstractmethod
@@ -40,19 +40,20 @@ class Backend(ABC):
         """Copy device memory back into a new host array."""
 
     @abstractmethod
-    def launch(self, kernel: Kernel, device: int, args: Sequence[Any]) -> None:
+    def launch(self, kernel: Kernel, device: int, args: Sequence[Any], stream: str = "compute") -> None:
         """Run a kernel; `args` are handles and floats in the op's argument order."""
 
     @abstractmethod
     def copy(self, src: Any, src_device: int, src_offset: int, dst: Any, dst_device: int, dst_offset: int,
-             count: int) -> None:
+             count: int, stream: str = "copy-in") -> None:
         """Copy `count` elements between buffers, possibly on different devices (ordered on dst's device)."""
 
-    def record(self, event: str, device: int) -> None:
-        """Mark `event` on `device` after everything issued there so far (no-op for synchronous backends)."""
+    def record(self, event: str, device: int, stream: str = "compute") -> None:
+        """Mark `event` on a stream of `device` after everything issued there so far
+        (no-op for synchronous backends)."""
 
-    def wait(self, event: str, device: int) -> None:
-        """Make later work on `device` wait for `event` (no-op for synchronous backends)."""
+    def wait(self, event: str, device: int, stream: str = "compute") -> None:
+        """Make later work on a stream of `device` wait for `event` (no-op for synchronous backends)."""
 
     def synchronize(self) -> None:
         """Wait until every launched kernel has finished."""

@@ -1,7 +1,7 @@
 """The CUDA backend (PyCUDA, an optional extra: ``pip install cnnc[cuda]``).
 
 Kept thin on purpose: everything above it is backend-neutral.  It keeps a
-context per physical GPU, a stream per logical device, loads the cubin nvcc
+context per physical GPU, a compute and a copy-in stream per logical device, loads the cubin nvcc
 built for each GPU's architecture (JIT-compiling the .cu when none fits),
 and copies between logical devices with, in order of preference: a plain
 device copy (same GPU), a peer-to-peer copy (peer access is checked for every
@@ -56,7 +56,8 @@ class CudaBackend(Backend):
             with self._on(logical):
                 major, minor = drv.Device(ordinal).compute_capability()
                 self.modules[logical] = self._load_module(Path(build_dir), logical, major * 10 + minor)
-                self.streams[logical] = drv.Stream()
+                for stream in ("compute", "copy-in"):      # copies run beside compute
+                    self.streams[(logical, stream)] = drv.Stream()
         self.events: dict[str, object] = {}
         self._functions: dict[tuple[int, str], object] = {}
         self._staging: dict[int, np.ndarray] = {}
@@ -107,7 +108,7 @@ class CudaBackend(Backend):
         self._device_of[int(mem)] = device
         return mem
 
-    def upload(self, handle, array: np.ndarray) -> None:
+    def upload(self, handle, array: np.ndarray, stream: str = "compute") -> None:
         self.synchronize()
         with self._on(self._device_of[int(handle)]):
             self.drv.memcpy_htod(handle, np.ascontiguousarray(array))
@@ -119,7 +120,7 @@ class CudaBackend(Backend):
             self.drv.memcpy_dtoh(out, handle)
         return out
 
-    def launch(self, kernel: Kernel, device: int, args: Sequence) -> None:
+    def launch(self, kernel: Kernel, device: int, args: Sequence, stream: str = "compute") -> None:
         key = (device, kernel.name)
         if key not in self._functions:
             self._functions[key] = self.modules[device].get_function(kernel.name)
@@ -127,15 +128,15 @@ class CudaBackend(Backend):
         cu_args = [np.float32(a) if isinstance(a, float) else a for a in args]
         with self._on(device):
             self._functions[key](*cu_args, grid=tuple(geo["grid"]), block=tuple(geo["block"]),
-                                 stream=self.streams[device])
+                                 stream=self.streams[(device, stream)])
 
-    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count) -> None:
+    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count, stream="copy-in") -> None:
         if not count:
             return
         nbytes = 4 * count
         src_ptr, dst_ptr = int(src) + 4 * src_offset, int(dst) + 4 * dst_offset
         a, b = self.physical[src_device], self.physical[dst_device]
-        stream = self.streams[dst_device]
+        stream = self.streams[(dst_device, stream)]
         with self._on(dst_device):
             if a == b:
                 self.drv.memcpy_dtod_async(dst_ptr, src_ptr, nbytes, stream)
@@ -154,16 +155,16 @@ class CudaBackend(Backend):
             self._staging[0] = buf
         return buf
 
-    def record(self, event: str, device: int) -> None:
+    def record(self, event: str, device: int, stream: str = "compute") -> None:
         with self._on(device):
-            self.events[event] = self.drv.Event().record(self.streams[device])
+            self.events[event] = self.drv.Event().record(self.streams[(device, stream)])
 
-    def wait(self, event: str, device: int) -> None:
+    def wait(self, event: str, device: int, stream: str = "compute") -> None:
         with self._on(device):
-            self.streams[device].wait_for_event(self.events[event])
+            self.streams[(device, stream)].wait_for_event(self.events[event])
 
     def synchronize(self) -> None:
-        for logical, stream in self.streams.items():
+        for (logical, _), stream in self.streams.items():
             with self._on(logical):
                 stream.synchronize()
 

@@ -109,7 +109,8 @@ class OpenCLBackend(Backend):
         self.used = sorted(set(physical.values()))
         self.device = devices[self.used[0]]
         self.ctx = cl.Context([devices[p] for p in self.used])
-        self.queues = {d: cl.CommandQueue(self.ctx, device=devices[physical[d]]) for d in logical_devices}
+        self._devices = {d: devices[physical[d]] for d in logical_devices}
+        self.queues: dict[tuple[int, str], object] = {}     # (logical device, stream) -> in-order queue
         self.device_names = [devices[p].name.strip() for p in self.used]
         self.events: dict[str, object] = {}
         self.programs = {}
@@ -134,38 +135,46 @@ class OpenCLBackend(Backend):
     def alloc(self, buffer: Buffer, device: int):
         cl = self.cl
         buf = cl.Buffer(self.ctx, cl.mem_flags.READ_WRITE, size=max(buffer.nbytes, 4))
-        cl.enqueue_fill_buffer(self.queues[device], buf, np.zeros(1, np.float32), 0, max(buffer.nbytes, 4))
+        cl.enqueue_fill_buffer(self._queue(device), buf, np.zeros(1, np.float32), 0, max(buffer.nbytes, 4))
         return (buf, device)
 
-    def upload(self, handle, array: np.ndarray) -> None:
+    def _queue(self, device: int, stream: str = "compute"):
+        """One in-order queue per stream of a logical device: copies run beside compute."""
+        key = (device, stream)
+        if key not in self.queues:
+            self.queues[key] = self.cl.CommandQueue(self.ctx, device=self._devices[device])
+        return self.queues[key]
+
+    def upload(self, handle, array: np.ndarray, stream: str = "compute") -> None:
         buf, device = handle
-        self.cl.enqueue_copy(self.queues[device], buf, np.ascontiguousarray(array))
+        self.cl.enqueue_copy(self._queue(device, stream), buf, np.ascontiguousarray(array))
 
     def download(self, handle, buffer: Buffer) -> np.ndarray:
         buf, device = handle
+        self.synchronize()
         out = np.empty(buffer.size, DTYPES[buffer.dtype])
-        self.cl.enqueue_copy(self.queues[device], out, buf)
+        self.cl.enqueue_copy(self._queue(device), out, buf)
         return out
 
-    def launch(self, kernel: Kernel, device: int, args: Sequence) -> None:
+    def launch(self, kernel: Kernel, device: int, args: Sequence, stream: str = "compute") -> None:
         launch = kernel.launch["opencl"]
         grid, block = launch["grid"], launch["block"]
         global_size = tuple(g * b for g, b in zip(grid, block))
         # buffers are (cl.Buffer, device); numpy integers are int scalars (Role.INT_SCALAR)
         cl_args = [a[0] if isinstance(a, tuple) else a if isinstance(a, np.integer) else np.float32(a)
                    for a in args]
-        self._kernel(device, kernel.name)(self.queues[device], global_size, tuple(block), *cl_args)
+        self._kernel(device, kernel.name)(self._queue(device, stream), global_size, tuple(block), *cl_args)
 
-    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count) -> None:
+    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count, stream="copy-in") -> None:
         if count:
-            self.cl.enqueue_copy(self.queues[dst_device], dst[0], src[0], byte_count=4 * count,
+            self.cl.enqueue_copy(self._queue(dst_device, stream), dst[0], src[0], byte_count=4 * count,
                                  src_offset=4 * src_offset, dst_offset=4 * dst_offset)
 
-    def record(self, event: str, device: int) -> None:
-        self.events[event] = self.cl.enqueue_marker(self.queues[device])
+    def record(self, event: str, device: int, stream: str = "compute") -> None:
+        self.events[event] = self.cl.enqueue_marker(self._queue(device, stream))
 
-    def wait(self, event: str, device: int) -> None:
-        self.cl.enqueue_barrier(self.queues[device], wait_for=[self.events[event]])
+    def wait(self, event: str, device: int, stream: str = "compute") -> None:
+        self.cl.enqueue_barrier(self._queue(device, stream), wait_for=[self.events[event]])
 
     def synchronize(self) -> None:
         for q in self.queues.values():

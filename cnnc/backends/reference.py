@@ -24,16 +24,16 @@ class ReferenceBackend(Backend):
     def view(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
         return handle[:buffer.size]
 
-    def upload(self, handle: np.ndarray, array: np.ndarray) -> None:
+    def upload(self, handle: np.ndarray, array: np.ndarray, stream: str = "compute") -> None:
         handle[...] = np.asarray(array, handle.dtype).reshape(-1)
 
     def download(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
         return handle.copy()
 
-    def launch(self, kernel: Kernel, device: int, args: Sequence) -> None:
+    def launch(self, kernel: Kernel, device: int, args: Sequence, stream: str = "compute") -> None:
         REFERENCE_OPS[kernel.op](kernel.params, *args)
 
-    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count) -> None:
+    def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count, stream="copy-in") -> None:
         dst[dst_offset:dst_offset + count] = src[src_offset:src_offset + count]
 
     def describe(self) -> str:

@@ -5,7 +5,7 @@ the last op that touches it, in the training and in the test program.  Two
 buffers of one device may share one allocation when their lifetimes are
 disjoint in both programs.  Parameters, their gradients and momentum, cost
 outputs (read by the host after a program) and buffers that another device
-reads directly (the source of a copy) keep storage of their own.
+or a copy stream touches keep storage of their own.
 """
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ def _touches(op: Op) -> tuple[str, ...]:
 
 def lifetimes(plan: Plan, program: str) -> tuple[dict[str, tuple[int, int]], set[str]]:
     """(first, last) position of each buffer in its own device's program, and the buffers
-    that some other device's program touches (those cannot be reused safely)."""
+    that another device's program or a copy stream touches (those cannot be reused safely:
+    their ops may run alongside the compute stream's)."""
     spans: dict[str, tuple[int, int]] = {}
     foreign: set[str] = set()
     for dev, ops in plan.programs[program].items():
         for i, op in enumerate(ops):
             for b in _touches(op):
-                if plan.buffers[b].device != dev:
-                    foreign.add(b)
+                if plan.buffers[b].device != dev or op.stream != "compute":
+                    foreign.add(b)          # read by another device, or by a stream running alongside
                     continue
                 first, _ = spans.get(b, (i, i))
                 spans[b] = (first, i)

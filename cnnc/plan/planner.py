@@ -229,7 +229,7 @@ class _Planner:
 
     def copy(self, src: str, dst: str, count: int, src_offset: int = 0, dst_offset: int = 0) -> None:
         device = self.buffers[dst].device
-        self.emit(device, Op("copy", stream="copy", src=src, dst=dst, count=count, src_offset=src_offset,
+        self.emit(device, Op("copy", stream="copy-in", src=src, dst=dst, count=count, src_offset=src_offset,
                              dst_offset=dst_offset, phase=self.phase, pass_=self.pass_), (dst,))
 
     # -- activations: where share s of a node is readable on device d ------------
@@ -245,7 +245,7 @@ class _Planner:
                               sum(c for _, _, c in pieces) * per_case, role, name, dtype)
             if (buf, -1) not in self.mirrors:          # one buffer per set of cases: uploaded once per minibatch
                 self.mirrors.add((buf, -1))
-                self.emit(d, Op("upload", stream="copy", input=name, cases=self.case_ranges(pieces), dst=buf,
+                self.emit(d, Op("upload", stream="copy-in", input=name, cases=self.case_ranges(pieces), dst=buf,
                                 phase=self.phase, pass_=self.pass_), (buf,))
             return buf
         if self.same_level(node, consumer):             # replica j of the one reads replica j of the other
@@ -626,18 +626,19 @@ class _Planner:
 
 
 def split_by_device(steps: list[_Step]) -> dict[int, list[Op]]:
-    """Per-device programs from a global order, with events for cross-device dependencies.
+    """Per-device programs from a global order, with events wherever an op depends on one
+    that runs on another device or on another stream of the same device.
 
     An op depends on the last writer of each buffer it reads or writes (read
     after write, write after write) and on every reader since that write
-    (write after read).  When that earlier op ran on another device, the
-    earlier device records an event right after it and this device waits for it."""
+    (write after read).  Ops of one (device, stream) run in order; across streams
+    the earlier op's stream records an event right after it and the later op's
+    stream waits for it, so copy-in streams can run ahead of compute."""
     programs: dict[int, list[Op]] = defaultdict(list)
     last_write: dict[str, tuple[int, int]] = {}
     readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
     events: dict[tuple[int, int], str] = {}        # (device, index in its program) -> event
-    waited: dict[int, set[str]] = defaultdict(set)
-    pending: dict[int, list[tuple[int, int]]] = defaultdict(list)   # records to insert
+    waited: dict[tuple[int, str], set[str]] = defaultdict(set)
     for step in steps:
         dev = step.device
         deps = []
@@ -649,14 +650,14 @@ def split_by_device(steps: list[_Step]) -> dict[int, list[Op]]:
                 deps.append(last_write[buf])
             deps.extend(readers.get(buf, []))
         for (ddev, idx) in deps:
-            if ddev == dev:
+            if ddev == dev and programs[ddev][idx].stream == step.op.stream:
                 continue
             key = (ddev, idx)
             if key not in events:
                 events[key] = f"e{len(events)}"
             ev = events[key]
-            if ev not in waited[dev]:
-                waited[dev].add(ev)
+            if ev not in waited[(dev, step.op.stream)]:
+                waited[(dev, step.op.stream)].add(ev)
                 programs[dev].append(Op("wait", event=ev, stream=step.op.stream, phase=step.op.phase,
                                         pass_=step.op.pass_))
         programs[dev].append(step.op)
