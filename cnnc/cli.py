@@ -266,7 +266,8 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     epochs = epochs or p.epochs
     click.echo(f"training {p.network} on {be.describe()}: {len(ds.train_y)} train / {len(ds.test_y)} test "
                f"images, batch {p.batch}, {epochs} epochs")
-    progress = None if quiet else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    progress = None if quiet else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, disable=None, **kw))
     history = train(p, be, ds, epochs, save_dir, test_freq, progress, start)
     for ev in history:
         click.echo(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
