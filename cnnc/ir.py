@@ -86,6 +86,7 @@ class LayerTrain:
     init_w: float
     init_b: float
     update_period: int = 0
+    wball: float = 0.0          # after each update, scale down any unit's incoming weights longer than this
 
 
 @dataclass(frozen=True)

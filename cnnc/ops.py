@@ -224,6 +224,9 @@ OPS: dict[str, OpSpec] = {
                "g[offset + i] (+)= sum over r = 0..R-1, in that order, of stage[r*n + i]: one chunk of the "
                "reduce-scatter that sums replicated weights' gradients, or the R partial sums of a "
                "split-K weight gradient"),
+        OpSpec("max_norm", (("w", IO),), ("units", "length", "unit_stride", "elem_stride", "wball"),
+               "for each unit u: v = w[u*unit_stride + e*elem_stride] for e < length; if |v| > wball, "
+               "v *= wball / |v| (cuda-convnet2's wball: a ball constraint on each filter / output unit)"),
         OpSpec("sgd_update",
                (("w", IO), ("dw", I), ("inc", IO), ("lr", S), ("momentum", S), ("weight_decay", S),
                 ("inv_cases", S)),

@@ -503,6 +503,10 @@ def test_train_defaults_are_the_most_common_values_and_layers_keep_the_rest():
         (0.3, 0.3, 0.8, 0.8, 0.0)
     c1 = net.layers[0].train
     assert (c1.lr.base, c1.lr_bias.base, c1.momentum, c1.momentum_bias, c1.weight_decay) == (0.1, 0.2, 0.9, 0.5, 0.004)
+    # wball: a per-layer setting where it is not 0
+    with_ball = imp(body, params.replace("[conv2]\n", "[conv2]\nwball=0.5\n"))
+    assert layer_line(with_ball, "conv2").endswith("{ wball = 0.5 }")
+    assert check(parse(with_ball.text)).layers[1].train.wball == 0.5
 
 
 @pytest.mark.parametrize("params,message", [
@@ -510,8 +514,8 @@ def test_train_defaults_are_the_most_common_values_and_layers_keep_the_rest():
      "p.cfg:1:1: error: layer 'conv1' (type=conv) is missing the required key 'epsW'"),
     ("[conv1]\nepsW=0.01\nepsB=0.02,0.03\nmomW=0.9\nmomB=0.9\n",
      "p.cfg:3:6: error: 'epsB' lists 2 schedules; a layer has one bias vector, so one schedule"),
-    ("[conv1]\nepsW=0.01\nepsB=0.02\nmomW=0.9\nmomB=0.9\nwball=0.5\n",
-     "p.cfg:6:7: error: layer 'conv1' (type=conv): renormalising weights (wball) is not supported by cnnc"),
+    ("[conv1]\nepsW=0.01\nepsB=0.02\nmomW=0.9\nmomB=0.9\nwcNormMax=0.5\n",
+     "p.cfg:6:11: error: layer 'conv1' (type=conv): weight-norm constraints (wcNormMax) is not supported by cnnc"),
     ("[conv1]\nepsW=0.01\nepsB=0.02\nmomW=0.9\nmomB=0.9\nwc=-1\n",
      "p.cfg:6:4: error: 'wc' must be at least 0, not -1"),
     ("[conv1]\nepsW=0.01\nepsB=0.02\nmomW=0.9\nmomB=0.9\nupdatePeriod=2\n",

@@ -60,6 +60,8 @@ def cases():
         out.append(("logreg_fwd", dict(N=N, C=C, top_k=1 + i)))
         out.append(("logreg_bwd", dict(N=N, C=C, coeff=1.0 + i, accumulate=bool(i % 2))))
         out.append(("softmax_logreg_bwd", dict(N=N, C=C, coeff=0.5 + i, accumulate=not i % 2)))
+    out.append(("max_norm", dict(units=12, length=27, unit_stride=27, elem_stride=1, wball=5.0)))    # conv
+    out.append(("max_norm", dict(units=10, length=40, unit_stride=1, elem_stride=10, wball=6.0)))    # fc
     out.append(("replica_sum", dict(R=3, n=50, offset=7)))
     out.append(("replica_sum", dict(R=2, n=1000, offset=0, accumulate=True)))
     # split-K weight gradients: partial sums per slice of the (case, row, column) reduction
@@ -183,6 +185,8 @@ def buffer_size(op: str, name: str, p: dict) -> int:
                 "y": p["N"] * p["C"] * p["P"] * p["Q"], "dy": p["N"] * p["C"] * p["P"] * p["Q"]}[name]
     if op == "bias_grad":
         return {"dy": p["N"] * p["K"] * p["inner"], "db": p["K"]}[name]
+    if op == "max_norm":
+        return p["units"] * p["length"]
     if op == "replica_sum":
         return {"stage": p["R"] * p["n"], "g": p["offset"] + p["n"] + 5}[name]
     if op in ("neuron_bwd", "sgd_update"):

@@ -332,3 +332,16 @@ def test_round_robin_copies_run_beside_compute(tmp_path):
         while j >= 0 and ops[j].kind == "wait" and ops[j].stream == "copy-in":
             assert recorded_on[ops[j].event][0] != 0, "a copy waits for this device's own compute"
             j -= 1
+
+
+def test_wball_keeps_units_in_the_ball_and_placements_agree(tmp_path):
+    """wball renormalises after each update; data-parallel replicas do it identically."""
+    def with_wball(placement):
+        return source(placement).replace("{conv1}", "").replace(
+            "conv1 = conv(data, filters=6, size=3, padding=1) relu",
+            "conv1 = conv(data, filters=6, size=3, padding=1) relu { wball = 0.35 }")
+    single = train(with_wball({}), "reference", 3, tmp_path)
+    conv = single[1]["conv1.weights"].reshape(6, -1)
+    assert np.sqrt((conv ** 2).sum(axis=1)).max() <= 0.35 * (1 + 1e-6)
+    assert_same_training(single, train(with_wball(PLACEMENTS["data-2"]), "reference", 3, tmp_path))
+    assert_same_training(single, train(with_wball(PLACEMENTS["data-2"]), "opencl", 3, tmp_path))

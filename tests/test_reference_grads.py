@@ -983,3 +983,13 @@ def test_split_k_partials_sum_to_the_weight_gradient(rng):
     summed = np.zeros(w.size)
     REFERENCE_OPS["replica_sum"](dict(R=split, n=w.size, offset=0), partials, summed)
     np.testing.assert_allclose(summed, full.reshape(-1), rtol=1e-10, atol=1e-12)
+
+
+def test_max_norm_scales_only_long_units():
+    """wball: each unit's incoming weights (a row for conv, a column for fc) end with norm <= wball."""
+    w = np.array([[3.0, 4.0, 0.0], [0.3, 0.4, 0.0]])      # conv layout: units are rows, norms 5 and 0.5
+    REFERENCE_OPS["max_norm"](dict(units=2, length=3, unit_stride=3, elem_stride=1, wball=1.0), w.reshape(-1))
+    np.testing.assert_allclose(w, [[0.6, 0.8, 0.0], [0.3, 0.4, 0.0]])
+    fc = np.array([[3.0, 0.1], [4.0, 0.1]])                # fc layout [I, O]: units are columns
+    REFERENCE_OPS["max_norm"](dict(units=2, length=2, unit_stride=1, elem_stride=2, wball=2.5), fc.reshape(-1))
+    np.testing.assert_allclose(fc, [[1.5, 0.1], [2.0, 0.1]])

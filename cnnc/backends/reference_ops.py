@@ -616,6 +616,16 @@ def bias_grad_unshared(p, dy, db):
     _store(_out(db, (p["K"], p["inner"])), _in(dy, (p["N"], p["K"], p["inner"])).sum(axis=0), p)
 
 
+def max_norm(p, w):
+    """Scale each unit's incoming weights down to L2 norm wball where they exceed it."""
+    e = np.arange(p["length"]) * p["elem_stride"]
+    for u in range(p["units"]):
+        idx = u * p["unit_stride"] + e
+        n2 = float(np.dot(w[idx], w[idx]))
+        if n2 > p["wball"] ** 2:
+            w[idx] *= w.dtype.type(np.sqrt(p["wball"] ** 2 / n2))
+
+
 def replica_sum(p, stage, g):
     """g[offset:offset+n] (+)= the R chunks of stage added in order."""
     rows = _in(stage, (p["R"], p["n"]))
@@ -631,7 +641,7 @@ REFERENCE_OPS: dict[str, Callable] = {
         conv_fwd, conv_bwd_data, conv_bwd_filter, bias_grad,
         fc_fwd, fc_bwd_data, fc_bwd_filter, neuron_bwd,
         pool_fwd, pool_bwd, softmax_fwd, softmax_bwd,
-        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum,
+        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum, max_norm,
         neuron_fwd, neuron_bwd_input, eltsum_fwd, eltsum_bwd, eltmax_fwd, eltmax_bwd,
         concat_fwd, concat_bwd, onehot, crossent_fwd, crossent_bwd, softmax_crossent_bwd, sum2_fwd, sum2_bwd,
         cmrnorm_fwd, cmrnorm_bwd, rnorm_fwd, rnorm_bwd, cnorm_meandiff, cnorm_fwd, cnorm_bwd_prep, cnorm_bwd,

@@ -34,6 +34,7 @@ LAYER_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
     "init_w": ("float", 0, 0.01),
     "init_b": ("float", None, 0.0),
     "update_period": ("int", 0, 0),
+    "wball": ("float", 0, 0.0),               # max L2 norm of each unit's incoming weights (0: none)
 }
 
 _SCHEDULE_ARGS = {
@@ -122,4 +123,4 @@ def layer_train(glob: dict[str, Any], local: dict[str, Any]) -> LayerTrain:
     return LayerTrain(lr=lr, lr_bias=lr_bias, momentum=momentum,
                       momentum_bias=momentum if momentum_bias is None else momentum_bias,
                       weight_decay=get("weight_decay"), init_w=get("init_w"), init_b=get("init_b"),
-                      update_period=get("update_period"))
+                      update_period=get("update_period"), wball=get("wball"))

@@ -24,7 +24,7 @@ FAMILY = {
     "fc_fwd": "fc", "fc_bwd_data": "fc", "fc_bwd_filter": "fc",
     "pool_fwd": "pool", "pool_bwd": "pool",
     "bias_grad": "reduce",
-    "neuron_bwd": "elementwise", "sgd_update": "elementwise", "replica_sum": "elementwise",
+    "neuron_bwd": "elementwise", "sgd_update": "elementwise", "replica_sum": "elementwise", "max_norm": "elementwise",
     "softmax_fwd": "softmax", "softmax_bwd": "softmax", "logreg_fwd": "softmax", "logreg_bwd": "softmax",
     "softmax_logreg_bwd": "softmax",
     "neuron_fwd": "eltwise", "neuron_bwd_input": "eltwise",
@@ -164,6 +164,8 @@ def gemm_shape(op: str, p: dict) -> dict:
 
 def _elements(op: str, p: dict) -> int:
     """How many threads an element-per-thread kernel needs."""
+    if op == "max_norm":
+        return p["units"]
     if op == "pool_fwd":
         return p["N"] * p["C"] * p["P"] * p["Q"]
     if op == "pool_bwd":

@@ -1055,7 +1055,9 @@ class _Importer:
         mom_b = self.get_float(sec, "momb", what, minimum=0)
         wc = self.single(self.get_list(sec, "wc", what, n, float, "numbers", default=0.0, minimum=0),
                          sec, "wc", what, one)
-        unsupported = [("wball", "renormalising weights (wball)", True)]
+        wball = self.single(self.get_list(sec, "wball", what, n, float, "numbers", default=0.0, minimum=0),
+                            sec, "wball", what, one)
+        unsupported = []
         if l.type == "conv":
             unsupported += [("wcnormmax", "weight-norm constraints (wcNormMax)", True),
                             ("wcnormmin", "weight-norm constraints (wcNormMin)", True)]
@@ -1068,7 +1070,7 @@ class _Importer:
                           f"set it to 0 or remove it")
         period = self.get_int(sec, "updateperiod", what, default=0, minimum=0)
         l.train = {"lr": eps_w, "lr_bias": eps_b, "momentum": mom_w, "momentum_bias": mom_b,
-                   "weight_decay": wc, "update_period_cfg": period}
+                   "weight_decay": wc, "wball": wball, "update_period_cfg": period}
 
     def schedules(self, sec: Section, key: str, what: str, n: int) -> list[Schedule]:
         e = self.raw(sec, key, what)
@@ -1330,7 +1332,8 @@ class _Importer:
         """The fewest per-layer settings that, over `glob`, give the layer the values `want`
         under the .cnn rules (lr_bias defaults to the layer's lr, momentum_bias to its momentum,
         update_period 0 means once per minibatch, i.e. every `passes` passes)."""
-        builtin = {"lr": Schedule("const", 0.01), "momentum": 0.9, "weight_decay": 0.0, "update_period": 0}
+        builtin = {"lr": Schedule("const", 0.01), "momentum": 0.9, "weight_decay": 0.0, "update_period": 0,
+                   "wball": 0.0}
         local: dict[str, Any] = {}
 
         def effective(key):
@@ -1347,7 +1350,7 @@ class _Importer:
         def same(key, a, b):
             return (a or passes) == (b or passes) if key == "update_period" else a == b
 
-        for key in ("lr", "lr_bias", "momentum", "momentum_bias", "weight_decay", "update_period"):
+        for key in ("lr", "lr_bias", "momentum", "momentum_bias", "weight_decay", "update_period", "wball"):
             if not same(key, effective(key), want[key]):
                 local[key] = want[key]
         return local

@@ -70,6 +70,21 @@ def parameter_shapes(l: Layer) -> dict[str, tuple[int, ...]]:
     return {**dict(zip(names, shapes)), "biases": biases}
 
 
+def unit_layout(l: Layer, shape: tuple[int, ...]) -> dict:
+    """How a weight tensor's units (filters, output units) lie in memory, for wball:
+    conv and local weights hold each filter's weights contiguously, fc weights [I, O]
+    hold output unit o's incoming weights in column o."""
+    if l.kind == "fc":
+        return dict(units=shape[1], length=shape[0], unit_stride=1, elem_stride=shape[1])
+    length = 1
+    for n in shape[-3:]:
+        length *= n
+    units = 1
+    for n in shape[:-3]:
+        units *= n
+    return dict(units=units, length=length, unit_stride=length, elem_stride=1)
+
+
 def weight_names(l: Layer) -> list[str]:
     return [n for n in parameter_shapes(l) if n.startswith("weights")]
 

@@ -570,6 +570,13 @@ class _Planner:
             for j, d in enumerate(l.gpus):
                 self.launch(d, k, (q.buffers[j], q.grads[j], q.incs[j]), (q.buffers[j], q.incs[j]),
                             lr=lr.to_json(), momentum=mom, weight_decay=wd, inv_cases=1.0 / cases)
+            if t.wball > 0 and q.name != "biases":
+                layout = lowering.unit_layout(l, q.shape)
+                k = self.kernel(f"{l.name}_{q.name.replace('.', '_')}_max_norm_u{layout['units']}", "max_norm",
+                                dict(layout, wball=t.wball), l,
+                                f"wball: scale {l.name}'s {layout['units']} units down to norm {t.wball:g}")
+                for j, d in enumerate(l.gpus):
+                    self.launch(d, k, (q.buffers[j],), (q.buffers[j],))
 
     def allreduce(self, l: Layer, q: Parameter) -> None:
         """Sum the replicas' gradients: reduce-scatter (replica c owns chunk c), then all-gather.
