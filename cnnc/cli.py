@@ -217,7 +217,9 @@ def plan(build_dir: Path, as_json: bool) -> None:
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
 
 
-def _gpus(ctx, param, value: str) -> list[int]:
+def _gpus(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
     try:
         ids = [int(v) for v in value.split(",") if v.strip() != ""]
     except ValueError:
@@ -227,10 +229,22 @@ def _gpus(ctx, param, value: str) -> list[int]:
     return ids
 
 
+def _default_gpus(plan, gpus: list[int] | None) -> list[int]:
+    """Without --gpus, every logical device of the plan runs on physical device 0."""
+    if gpus is not None:
+        return gpus
+    n = max(plan.devices) + 1
+    if n > 1:
+        click.echo(f"note: {n} logical devices share device 0; spread them with --gpus, e.g. --gpus "
+                   + ",".join(str(i) for i in range(n)), err=True)
+    return [0] * n
+
+
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--gpus", default="0", callback=_gpus, show_default=True,
-              help="Physical device for each logical device of the plan, e.g. 3,2,1,0.")
+@click.option("--gpus", default=None, callback=_gpus,
+              help="Physical device for each logical device of the plan, e.g. 3,2,1,0 "
+                   "[default: every logical device on device 0].")
 @click.option("--backend", type=click.Choice(["auto", "cuda", "opencl", "reference"]), default="auto",
               show_default=True, help="auto: cuda when PyCUDA and a GPU are usable, else opencl.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the network's epochs.")
@@ -261,6 +275,7 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     ds = load_dataset(data)
     check_data(p, ds)                   # before a backend is set up or training is announced
     name = default_backend() if backend == "auto" else backend
+    gpus = _default_gpus(p, gpus)
     be = make_backend(name, p, build_dir, gpus)
     save_dir = save_dir or build_dir / "train"
     epochs = epochs or p.epochs
@@ -279,8 +294,8 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["auto", "cuda", "opencl", "reference"]), default="auto",
               show_default=True)
-@click.option("--gpus", default="0", callback=_gpus, show_default=True,
-              help="Physical device for each logical device of the plan.")
+@click.option("--gpus", default=None, callback=_gpus,
+              help="Physical device for each logical device of the plan [default: all on device 0].")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Recompile the network with this batch size first.")
 @click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
@@ -296,9 +311,10 @@ def bench(build_dir: Path, backend: str, gpus: list[int], batch: int | None, ste
 
     from cnnc.backends import default_backend
     from cnnc.bench import bench as run_bench, format_bench
+    from cnnc.build import load_plan
 
     name = default_backend() if backend == "auto" else backend
-    result = run_bench(build_dir, name, gpus, batch, steps, against=against)
+    result = run_bench(build_dir, name, _default_gpus(load_plan(build_dir), gpus), batch, steps, against=against)
     click.echo(json.dumps(dataclasses.asdict(result), indent=1) if as_json else format_bench(result))
 
 

@@ -287,3 +287,17 @@ def test_process_user_errors(tiny_cnn: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert first_line(proc.stderr) == "nowhere: error: no such build directory"
+
+
+def test_run_multi_device_plan_defaults_to_device_0(tmp_path: Path) -> None:
+    src = tmp_path / "two.cnn"
+    src.write_text("network two\ninput data: 1x8x8\ninput labels: label(10)\ntrain { batch = 8 }\n"
+                   "@gpu(0,1) c1 = conv(data, filters=4, size=3, padding=1) relu\n"
+                   "@gpu(1) f2 = fc(c1, outputs=10)\nprobs = softmax(f2)\ncost = logreg(labels, probs)\n")
+    build = tmp_path / "b"
+    assert cli("compile", src, "-o", build, "--no-nvcc").exit_code == 0
+    result = cli("run", build, "--backend", "reference", "--epochs", "1", "-q", "--save-dir", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "note: 2 logical devices share device 0" in result.stderr
+    err = assert_user_error(cli("run", build, "--backend", "reference", "--gpus", "0"))
+    assert "the plan uses logical device 1 but --gpus lists only 1 device(s)" in first_line(err)
