@@ -60,7 +60,7 @@ OPENCL = Dialect(
     name="opencl", extension="cl", prelude="cnnc_opencl.h",
     kernel="__kernel void", global_ptr="__global", restrict="restrict",
     shared="__local", barrier="barrier(CLK_LOCAL_MEM_FENCE);", fma="fma", unroll="#pragma unroll",
-    gemm_block=(64, 64, 16), gemm_thread=(8, 8), threads_1d=64, reduce_threads=64,
+    gemm_block=(64, 128, 16), gemm_thread=(8, 16), threads_1d=64, reduce_threads=64,
 )
 
 DIALECTS = {d.name: d for d in (CUDA, OPENCL)}

@@ -19,6 +19,8 @@ def kernel_flops(k: Kernel) -> int:
     """Floating-point operations of one launch (multiply-add = 2)."""
     p = k.params
     if k.op.startswith("conv_"):
+        return 2 * p["N"] * p["K"] * p["P"] * p["Q"] * p["C"] * p["R"] * p["S"] // p.get("groups", 1)
+    if k.op.startswith("local_"):
         return 2 * p["N"] * p["K"] * p["P"] * p["Q"] * p["C"] * p["R"] * p["S"]
     if k.op.startswith("fc_"):
         return 2 * p["N"] * p["I"] * p["O"]

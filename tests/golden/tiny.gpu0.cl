@@ -9,28 +9,28 @@
 // conv1_fwd_n2_c1_k2_3x3
 // forward of conv1: 2 filters 3x3 over 1x5x5, stride 1, padding 1, relu
 // tiny.cnn:6: conv1 = conv(data, filters=2, size=3, padding=1) relu
-// GEMM M=2 N=50 K=9; block tile 8x64x16, 8x8 per thread, 8 threads
+// GEMM M=2 N=50 K=9; block tile 8x64x16, 8x16 per thread, 4 threads
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(8, 1, 1))) conv1_fwd_n2_c1_k2_3x3(__global const float* restrict x, __global const float* restrict w, __global const float* restrict b, __global float* restrict y)
+__kernel void __attribute__((reqd_work_group_size(4, 1, 1))) conv1_fwd_n2_c1_k2_3x3(__global const float* restrict x, __global const float* restrict w, __global const float* restrict b, __global float* restrict y)
 {
     __local float As[16][8];
     __local float Bs[16][64];
     const int tid = (int)get_local_id(0);
-    const int tn = tid % 8;
-    const int tm = tid / 8;
+    const int tn = tid % 4;
+    const int tm = tid / 4;
     const int m0 = (int)get_group_id(1) * 8;
     const int n0 = (int)get_group_id(0) * 64;
 
-    float acc[8][8];
+    float acc[8][16];
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < 16; ++j) acc[i][j] = 0.0f;
     }
 
     for (int k0 = 0; k0 < 9; k0 += 16) {
         // stage A[m0 .. m0+8, k0 .. k0+16) in shared memory
-        for (int e = tid; e < 128; e += 8) {
+        for (int e = tid; e < 128; e += 4) {
             const int kk = e % 16, mm = e / 16;
             const int m = m0 + mm, k = k0 + kk;
             float v = 0.0f;
@@ -40,7 +40,7 @@ __kernel void __attribute__((reqd_work_group_size(8, 1, 1))) conv1_fwd_n2_c1_k2_
             As[kk][mm] = v;
         }
         // stage B[k0 .. k0+16, n0 .. n0+64) in shared memory
-        for (int e = tid; e < 1024; e += 8) {
+        for (int e = tid; e < 1024; e += 4) {
             const int nn = e % 64, kk = e / 64;
             const int k = k0 + kk, n = n0 + nn;
             float v = 0.0f;
@@ -57,15 +57,15 @@ __kernel void __attribute__((reqd_work_group_size(8, 1, 1))) conv1_fwd_n2_c1_k2_
 
         #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
-            float a_frag[8], b_frag[8];
+            float a_frag[8], b_frag[16];
             #pragma unroll
             for (int i = 0; i < 8; ++i) a_frag[i] = As[kk][tm + i * 1];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) b_frag[j] = Bs[kk][tn + j * 8];
+            for (int j = 0; j < 16; ++j) b_frag[j] = Bs[kk][tn + j * 4];
             #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
+                for (int j = 0; j < 16; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -75,8 +75,8 @@ __kernel void __attribute__((reqd_work_group_size(8, 1, 1))) conv1_fwd_n2_c1_k2_
     for (int i = 0; i < 8; ++i) {
         const int m = m0 + tm + i * 1;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int n = n0 + tn + j * 8;
+        for (int j = 0; j < 16; ++j) {
+            const int n = n0 + tn + j * 4;
             if (m < 2 && n < 50) {
                 float v = acc[i][j];
                 const int img = n / 25, pix = n % 25;
@@ -112,23 +112,23 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) pool1_fwd_avg_2x2s
 // fc2_fwd_n2_i18_o3
 // forward of fc2: 18 inputs to 3 outputs, ident
 // tiny.cnn:8: fc2 = fc(pool1, outputs=3)
-// GEMM M=2 N=3 K=18; block tile 8x8x16, 8x8 per thread, 1 threads
+// GEMM M=2 N=3 K=18; block tile 8x16x16, 8x16 per thread, 1 threads
 // ---------------------------------------------------------------------------
 __kernel void __attribute__((reqd_work_group_size(1, 1, 1))) fc2_fwd_n2_i18_o3(__global const float* restrict x, __global const float* restrict w, __global const float* restrict b, __global float* restrict y)
 {
     __local float As[16][8];
-    __local float Bs[16][8];
+    __local float Bs[16][16];
     const int tid = (int)get_local_id(0);
     const int tn = tid % 1;
     const int tm = tid / 1;
     const int m0 = (int)get_group_id(1) * 8;
-    const int n0 = (int)get_group_id(0) * 8;
+    const int n0 = (int)get_group_id(0) * 16;
 
-    float acc[8][8];
+    float acc[8][16];
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < 16; ++j) acc[i][j] = 0.0f;
     }
 
     for (int k0 = 0; k0 < 18; k0 += 16) {
@@ -142,9 +142,9 @@ __kernel void __attribute__((reqd_work_group_size(1, 1, 1))) fc2_fwd_n2_i18_o3(_
             }
             As[kk][mm] = v;
         }
-        // stage B[k0 .. k0+16, n0 .. n0+8) in shared memory
-        for (int e = tid; e < 128; e += 1) {
-            const int nn = e % 8, kk = e / 8;
+        // stage B[k0 .. k0+16, n0 .. n0+16) in shared memory
+        for (int e = tid; e < 256; e += 1) {
+            const int nn = e % 16, kk = e / 16;
             const int k = k0 + kk, n = n0 + nn;
             float v = 0.0f;
             if (k < 18 && n < 3) {
@@ -156,15 +156,15 @@ __kernel void __attribute__((reqd_work_group_size(1, 1, 1))) fc2_fwd_n2_i18_o3(_
 
         #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
-            float a_frag[8], b_frag[8];
+            float a_frag[8], b_frag[16];
             #pragma unroll
             for (int i = 0; i < 8; ++i) a_frag[i] = As[kk][tm + i * 1];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) b_frag[j] = Bs[kk][tn + j * 1];
+            for (int j = 0; j < 16; ++j) b_frag[j] = Bs[kk][tn + j * 1];
             #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
+                for (int j = 0; j < 16; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -174,7 +174,7 @@ __kernel void __attribute__((reqd_work_group_size(1, 1, 1))) fc2_fwd_n2_i18_o3(_
     for (int i = 0; i < 8; ++i) {
         const int m = m0 + tm + i * 1;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 16; ++j) {
             const int n = n0 + tn + j * 1;
             if (m < 2 && n < 3) {
                 float v = acc[i][j];
@@ -268,23 +268,23 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) fc2_bias_grad_k3_n
 // fc2_bwd_filter_n2_i18_o3
 // gradient of fc2's weights
 // tiny.cnn:8: fc2 = fc(pool1, outputs=3)
-// GEMM M=18 N=3 K=2; block tile 32x8x4, 8x8 per thread, 4 threads
+// GEMM M=18 N=3 K=2; block tile 32x16x4, 8x16 per thread, 4 threads
 // ---------------------------------------------------------------------------
 __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_filter_n2_i18_o3(__global const float* restrict x, __global const float* restrict dy, __global float* restrict dw)
 {
     __local float As[4][32];
-    __local float Bs[4][8];
+    __local float Bs[4][16];
     const int tid = (int)get_local_id(0);
     const int tn = tid % 1;
     const int tm = tid / 1;
     const int m0 = (int)get_group_id(1) * 32;
-    const int n0 = (int)get_group_id(0) * 8;
+    const int n0 = (int)get_group_id(0) * 16;
 
-    float acc[8][8];
+    float acc[8][16];
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < 16; ++j) acc[i][j] = 0.0f;
     }
 
     for (int k0 = 0; k0 < 2; k0 += 4) {
@@ -298,9 +298,9 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_filter_n2_i
             }
             As[kk][mm] = v;
         }
-        // stage B[k0 .. k0+4, n0 .. n0+8) in shared memory
-        for (int e = tid; e < 32; e += 4) {
-            const int nn = e % 8, kk = e / 8;
+        // stage B[k0 .. k0+4, n0 .. n0+16) in shared memory
+        for (int e = tid; e < 64; e += 4) {
+            const int nn = e % 16, kk = e / 16;
             const int k = k0 + kk, n = n0 + nn;
             float v = 0.0f;
             if (k < 2 && n < 3) {
@@ -312,15 +312,15 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_filter_n2_i
 
         #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            float a_frag[8], b_frag[8];
+            float a_frag[8], b_frag[16];
             #pragma unroll
             for (int i = 0; i < 8; ++i) a_frag[i] = As[kk][tm + i * 4];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) b_frag[j] = Bs[kk][tn + j * 1];
+            for (int j = 0; j < 16; ++j) b_frag[j] = Bs[kk][tn + j * 1];
             #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
+                for (int j = 0; j < 16; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -330,7 +330,7 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_filter_n2_i
     for (int i = 0; i < 8; ++i) {
         const int m = m0 + tm + i * 4;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 16; ++j) {
             const int n = n0 + tn + j * 1;
             if (m < 18 && n < 3) {
                 float v = acc[i][j];
@@ -344,28 +344,28 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_filter_n2_i
 // fc2_bwd_data_n2_i18_o3
 // gradient of fc2 with respect to its input pool1
 // tiny.cnn:8: fc2 = fc(pool1, outputs=3)
-// GEMM M=2 N=18 K=3; block tile 8x32x4, 8x8 per thread, 4 threads
+// GEMM M=2 N=18 K=3; block tile 8x32x4, 8x16 per thread, 2 threads
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_data_n2_i18_o3(__global const float* restrict w, __global const float* restrict dy, __global float* restrict dx)
+__kernel void __attribute__((reqd_work_group_size(2, 1, 1))) fc2_bwd_data_n2_i18_o3(__global const float* restrict w, __global const float* restrict dy, __global float* restrict dx)
 {
     __local float As[4][8];
     __local float Bs[4][32];
     const int tid = (int)get_local_id(0);
-    const int tn = tid % 4;
-    const int tm = tid / 4;
+    const int tn = tid % 2;
+    const int tm = tid / 2;
     const int m0 = (int)get_group_id(1) * 8;
     const int n0 = (int)get_group_id(0) * 32;
 
-    float acc[8][8];
+    float acc[8][16];
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < 16; ++j) acc[i][j] = 0.0f;
     }
 
     for (int k0 = 0; k0 < 3; k0 += 4) {
         // stage A[m0 .. m0+8, k0 .. k0+4) in shared memory
-        for (int e = tid; e < 32; e += 4) {
+        for (int e = tid; e < 32; e += 2) {
             const int kk = e % 4, mm = e / 4;
             const int m = m0 + mm, k = k0 + kk;
             float v = 0.0f;
@@ -375,7 +375,7 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_data_n2_i18
             As[kk][mm] = v;
         }
         // stage B[k0 .. k0+4, n0 .. n0+32) in shared memory
-        for (int e = tid; e < 128; e += 4) {
+        for (int e = tid; e < 128; e += 2) {
             const int kk = e % 4, nn = e / 4;
             const int k = k0 + kk, n = n0 + nn;
             float v = 0.0f;
@@ -388,15 +388,15 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_data_n2_i18
 
         #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            float a_frag[8], b_frag[8];
+            float a_frag[8], b_frag[16];
             #pragma unroll
             for (int i = 0; i < 8; ++i) a_frag[i] = As[kk][tm + i * 1];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) b_frag[j] = Bs[kk][tn + j * 4];
+            for (int j = 0; j < 16; ++j) b_frag[j] = Bs[kk][tn + j * 2];
             #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
+                for (int j = 0; j < 16; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -406,8 +406,8 @@ __kernel void __attribute__((reqd_work_group_size(4, 1, 1))) fc2_bwd_data_n2_i18
     for (int i = 0; i < 8; ++i) {
         const int m = m0 + tm + i * 1;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int n = n0 + tn + j * 4;
+        for (int j = 0; j < 16; ++j) {
+            const int n = n0 + tn + j * 2;
             if (m < 2 && n < 18) {
                 float v = acc[i][j];
                 dx[m * 18 + n] = v;
@@ -486,28 +486,28 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) conv1_bias_grad_k2
 // conv1_bwd_filter_n2_c1_k2_3x3
 // gradient of conv1's weights
 // tiny.cnn:6: conv1 = conv(data, filters=2, size=3, padding=1) relu
-// GEMM M=2 N=9 K=50; block tile 8x16x16, 8x8 per thread, 2 threads
+// GEMM M=2 N=9 K=50; block tile 8x16x16, 8x16 per thread, 1 threads
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(2, 1, 1))) conv1_bwd_filter_n2_c1_k2_3x3(__global const float* restrict x, __global const float* restrict dy, __global float* restrict dw)
+__kernel void __attribute__((reqd_work_group_size(1, 1, 1))) conv1_bwd_filter_n2_c1_k2_3x3(__global const float* restrict x, __global const float* restrict dy, __global float* restrict dw)
 {
     __local float As[16][8];
     __local float Bs[16][16];
     const int tid = (int)get_local_id(0);
-    const int tn = tid % 2;
-    const int tm = tid / 2;
+    const int tn = tid % 1;
+    const int tm = tid / 1;
     const int m0 = (int)get_group_id(1) * 8;
     const int n0 = (int)get_group_id(0) * 16;
 
-    float acc[8][8];
+    float acc[8][16];
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < 16; ++j) acc[i][j] = 0.0f;
     }
 
     for (int k0 = 0; k0 < 50; k0 += 16) {
         // stage A[m0 .. m0+8, k0 .. k0+16) in shared memory
-        for (int e = tid; e < 128; e += 2) {
+        for (int e = tid; e < 128; e += 1) {
             const int kk = e % 16, mm = e / 16;
             const int m = m0 + mm, k = k0 + kk;
             float v = 0.0f;
@@ -518,7 +518,7 @@ __kernel void __attribute__((reqd_work_group_size(2, 1, 1))) conv1_bwd_filter_n2
             As[kk][mm] = v;
         }
         // stage B[k0 .. k0+16, n0 .. n0+16) in shared memory
-        for (int e = tid; e < 256; e += 2) {
+        for (int e = tid; e < 256; e += 1) {
             const int kk = e % 16, nn = e / 16;
             const int k = k0 + kk, n = n0 + nn;
             float v = 0.0f;
@@ -535,15 +535,15 @@ __kernel void __attribute__((reqd_work_group_size(2, 1, 1))) conv1_bwd_filter_n2
 
         #pragma unroll
         for (int kk = 0; kk < 16; ++kk) {
-            float a_frag[8], b_frag[8];
+            float a_frag[8], b_frag[16];
             #pragma unroll
             for (int i = 0; i < 8; ++i) a_frag[i] = As[kk][tm + i * 1];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) b_frag[j] = Bs[kk][tn + j * 2];
+            for (int j = 0; j < 16; ++j) b_frag[j] = Bs[kk][tn + j * 1];
             #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
+                for (int j = 0; j < 16; ++j) acc[i][j] = fma(a_frag[i], b_frag[j], acc[i][j]);
             }
         }
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -553,8 +553,8 @@ __kernel void __attribute__((reqd_work_group_size(2, 1, 1))) conv1_bwd_filter_n2
     for (int i = 0; i < 8; ++i) {
         const int m = m0 + tm + i * 1;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int n = n0 + tn + j * 2;
+        for (int j = 0; j < 16; ++j) {
+            const int n = n0 + tn + j * 1;
             if (m < 2 && n < 9) {
                 float v = acc[i][j];
                 dw[m * 9 + n] = v;
