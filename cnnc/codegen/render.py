@@ -243,7 +243,10 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         g = gemm_shape(k.op, k.params)
         notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
                      f"{t.TM}x{t.TN} per thread, {t.threads} threads")
-        if "batch" in g:
+        if g.get("split", 1) > 1:
+            notes.append(f"split-K: grid z = {g['split']} slices of {g['split_k']} of the reduction, "
+                         f"each writing its own partial sum")
+        elif "batch" in g:
             what = "group" if k.op.startswith("conv") else "output position"
             notes.append(f"{g['batch']} independent GEMMs, one per {what} (grid z)")
     else:
