@@ -28,10 +28,8 @@ class Site:
     grads: dict[str, str] = field(default_factory=dict)      # parameter name -> gradient buffer
     emit: Callable[..., None] = print   # emit(kernel_name, op, params, args, writes, summary, **scalars)
     training: bool = True               # False in the test program (dropout passes values through)
-    share: int = 0                      # which share of the minibatch: cases share*cases ..
     alloc: Callable[..., str] = print   # alloc(what, size, dtype="f32") -> a buffer of this replica
-    # the minibatch cases this replica handles, as (first case, count) pieces in buffer order;
-    # empty: the `cases` cases from share * cases on
+    # the minibatch cases this replica handles, as (first case, count) pieces in buffer order
     case_ranges: tuple[tuple[int, int], ...] = ()
 
     def launch(self, tag: str, op: str, params: dict, args: tuple[str, ...], writes: tuple[str, ...],
@@ -39,9 +37,6 @@ class Site:
         """Emit one kernel launch; `scalars` are the op's runtime scalar arguments (numbers, or
         names of the executor's counters such as "seed" and "step")."""
         self.emit(f"{self.layer.name}_{tag}", op, params, args, writes, summary, **scalars)
-
-    def ranges(self) -> tuple[tuple[int, int], ...]:
-        return tuple(self.case_ranges) or ((self.share * self.cases, self.cases),)
 
 
 # ---------------------------------------------------------------- parameters
@@ -239,7 +234,7 @@ def dropout_params(site: Site) -> dict:
     if not site.training:
         return dict(q, train=False)
     q["layer_id"] = l.args["layer_id"]
-    ranges = site.ranges()
+    ranges = site.case_ranges
     if len(ranges) == 1:
         q["case_offset"] = ranges[0][0]
     else:

@@ -478,12 +478,9 @@ class _Planner:
         def alloc(what: str, size: int, dtype: str = "f32") -> str:
             return self.buffer(self.own(l, what, j) + self.slot(l), d, size, "scratch", l.name, dtype)
         out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
-        ranges = self.case_ranges(self.pieces(l, j, p))
-        site = lowering.Site(l, d, self.cases(l), [self.activation(i, l, j, p, d) for i in l.inputs], out,
+        return lowering.Site(l, d, self.cases(l), [self.activation(i, l, j, p, d) for i in l.inputs], out,
                              {q.name: q.buffers[j] for q in mine}, {q.name: q.grads[j] for q in mine}, emit,
-                             self.training, ranges[0][0] // self.cases(l), alloc)
-        site.case_ranges = ranges
-        return site
+                             self.training, alloc, self.case_ranges(self.pieces(l, j, p)))
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, l: Layer, j: int, p: int, d: int) -> None:

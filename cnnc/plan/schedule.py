@@ -147,10 +147,6 @@ class Plan:
     def devices(self) -> list[int]:
         return sorted({b.device for b in self.buffers.values()})
 
-    @property
-    def share_size(self) -> int:
-        return self.batch // self.shares
-
     def to_json(self) -> dict:
         return {
             "format": PLAN_FORMAT,
