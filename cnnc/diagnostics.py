@@ -7,8 +7,21 @@ carrying one or more :class:`Diagnostic`; the CLI prints them and exits 2.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+
+def source_lines(text: str) -> list[str]:
+    """The lines of a source text numbered as the parser numbers them.
+
+    Only '\\n' ends a line: str.splitlines also splits at \\v, \\f, \\x1c-\\x1e,
+    \\x85, U+2028 and U+2029, so one of those in a comment would shift every
+    later line number.  A '\\r' before the '\\n' belongs to the line ending.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":               # a final newline ends the last line, it starts none
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,10 @@ class Span:
     @staticmethod
     def point(line: int, column: int, width: int = 1) -> "Span":
         return Span(line, column, line, column + width)
+
+
+_SHOWN = 150
+"""Source characters a diagnostic shows of one line; longer lines are cut around the caret."""
 
 
 @dataclass(frozen=True)
@@ -40,14 +57,21 @@ class Diagnostic:
             return head + (f"\n  hint: {self.hint}" if self.hint else "")
         s = self.span
         out = [f"{self.file}:{s.line}:{s.column}: {self.severity}: {self.message}"]
-        lines = source.splitlines() if source is not None else []
+        lines = source_lines(source) if source is not None else []
         if 0 < s.line <= len(lines):
             text = lines[s.line - 1].rstrip("\n").replace("\t", " ")
             end = s.end_column if s.end_line == s.line else len(text) + 1
             width = max(1, min(end, len(text) + 1) - s.column)
+            caret = s.column - 1
+            if len(text) > _SHOWN:         # a very long line: the part around the caret, marked with '...'
+                start = max(0, min(caret - _SHOWN // 3, len(text) - _SHOWN))
+                text = ("..." if start else "") + text[start:start + _SHOWN] + \
+                    ("..." if start + _SHOWN < len(text) else "")
+                caret += (3 if start else 0) - start
+                width = max(1, min(width, _SHOWN + 3 - caret))
             gutter = f"{s.line:5d} | "
             out.append(gutter + text)
-            out.append(" " * 5 + " | " + " " * (s.column - 1) + "^" + "~" * (width - 1))
+            out.append(" " * 5 + " | " + " " * caret + "^" + "~" * (width - 1))
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)

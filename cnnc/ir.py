@@ -7,10 +7,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from cnnc.diagnostics import Span
 from cnnc.neurons import Neuron
+
+
+MAX_ELEMENTS = 2**31 - 1
+"""Kernels index buffers with 32-bit integers, so no buffer may hold more elements than
+this, and no integer of the language (a size, a count) may exceed it either."""
+
+MAX_DEVICE = 255
+"""The largest logical device id a placement may name."""
 
 
 @dataclass(frozen=True)
@@ -125,14 +134,24 @@ class Network:
     seed: int
     settings: dict[str, Any] = field(hash=False, default_factory=dict)
 
+    @cached_property
+    def _nodes(self) -> dict[str, Input | Layer]:
+        """Name -> node, built once: lookups in a network of thousands of layers stay cheap."""
+        return {n.name: n for n in reversed(self.inputs + self.layers)}
+
+    @cached_property
+    def _consumers(self) -> dict[str, tuple[Layer, ...]]:
+        out: dict[str, list[Layer]] = {}
+        for l in self.layers:
+            for name in dict.fromkeys(l.inputs):
+                out.setdefault(name, []).append(l)
+        return {name: tuple(ls) for name, ls in out.items()}
+
     def node(self, name: str) -> Input | Layer:
-        for n in self.inputs + self.layers:
-            if n.name == name:
-                return n
-        raise KeyError(name)
+        return self._nodes[name]
 
     def shape_of(self, name: str) -> Shape:
         return self.node(name).shape
 
     def consumers(self, name: str) -> tuple[Layer, ...]:
-        return tuple(l for l in self.layers if name in l.inputs)
+        return self._consumers.get(name, ())

@@ -11,16 +11,16 @@ from typing import Any
 
 from cnnc.check.kinds import KINDS, REQUIRED, LayerKind, Param, ShapeError
 from cnnc.check.settings import GLOBAL_SETTINGS, LAYER_SETTINGS, layer_train, read_settings
-from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean
+from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean, source_lines
 from cnnc.frontend import ast
-from cnnc.ir import Input, Layer, Network, Shape
+from cnnc.ir import MAX_DEVICE, MAX_ELEMENTS, Input, Layer, Network, Shape
 from cnnc.neurons import NEURONS, make_neuron
 
 
 class _Checker:
     def __init__(self, program: ast.Program):
         self.p = program
-        self.lines = program.source.splitlines()
+        self.lines = source_lines(program.source)
 
     def fail(self, message: str, span: Span | None, hint: str | None = None):
         raise CompileError(Diagnostic(message, self.p.file, span, hint), self.p.source)
@@ -54,9 +54,12 @@ class _Checker:
         glob = read_settings(train.settings if train else (), GLOBAL_SETTINGS | LAYER_SETTINGS, self.fail)
         batch = glob.get("batch", 128)
         order = self.topological_order(decls, inputs)
+        for i in inputs.values():
+            self.check_elements(i.name, batch, i.shape, i.span)
         layers: dict[str, Layer] = {}
         for name in order:
             layers[name] = self.layer(decls[name], inputs, layers, glob, batch, index=len(layers))
+            self.check_elements(name, batch // len(layers[name].gpus), layers[name].shape, decls[name].name_span)
         if not any(KINDS[l.kind].is_cost for l in layers.values()):
             self.fail("the network has no cost layer, so there is nothing to train", self.p.span,
                       "end it with e.g. 'cost = logreg(labels, probs)'")
@@ -64,15 +67,26 @@ class _Checker:
                        tuple(layers[n] for n in order), batch, glob.get("epochs", 10), glob.get("seed", 0),
                        {k: v for k, v in glob.items()})
 
+    def check_elements(self, name: str, cases: int, shape: Shape, span: Span | None) -> None:
+        """A layer's or input's output buffer must be indexable by the kernels."""
+        n = cases * shape.size
+        if n > MAX_ELEMENTS:
+            self.fail(f"'{name}' needs {n} elements ({cases} cases of {shape}); kernels index with 32 bits "
+                      f"(at most 2^31-1)", span, "make the batch or the layer smaller")
+
     def image_input(self, st: ast.ImageInput) -> Input:
         if len(st.dims) != 3 or min(st.dims) < 1:
             self.fail(f"image input '{st.name}' needs channels x height x width, e.g. 3x32x32", st.span)
+        if max(st.dims) > MAX_ELEMENTS:
+            self.fail(f"image input '{st.name}': each dimension must be at most {MAX_ELEMENTS}", st.span)
         return Input(st.name, "image", Shape(*st.dims), 0, st.span)
 
     def label_input(self, st: ast.LabelInput) -> Input:
         n = st.classes
         if not n.is_int or n.value < 2:
             self.fail("label(...) needs the number of classes, an integer of at least 2", n.span)
+        if n.value > MAX_ELEMENTS:
+            self.fail(f"label(...) takes at most {MAX_ELEMENTS} classes", n.span)
         return Input(st.name, "labels", Shape(1), int(n.value), st.span)
 
     # -- graph ------------------------------------------------------------
@@ -97,24 +111,33 @@ class _Checker:
                 if ref.name not in inputs and ref.name not in decls:
                     self.fail(f"undefined name '{ref.name}'", ref.span, did_you_mean(ref.name, known))
         order: list[str] = []
-        state: dict[str, int] = {}   # 1 = on the DFS path, 2 = done
-
-        def visit(name: str, path: list[str]):
-            if name in inputs or state.get(name) == 2:
-                return
-            if state.get(name) == 1:
-                cycle = path[path.index(name):] + [name]
-                d = decls[name]
-                self.fail(f"cycle in the layer graph: {' -> '.join(cycle)}", d.name_span,
-                          "a layer cannot depend on its own output")
-            state[name] = 1
-            for ref in self.input_refs(decls[name]):
-                visit(ref.name, path + [name])
-            state[name] = 2
-            order.append(name)
-
-        for name in decls:
-            visit(name, [])
+        done: set[str] = set(inputs)
+        for root in decls:
+            if root in done:
+                continue
+            # Depth-first with an explicit stack, so a chain of any length fits: the
+            # path holds the layers being visited, each with its inputs still to visit.
+            path = [root]
+            on_path = {root}
+            pending = [iter(self.input_refs(decls[root]))]
+            while path:
+                ref = next(pending[-1], None)
+                if ref is None:
+                    name = path.pop()
+                    pending.pop()
+                    on_path.discard(name)
+                    done.add(name)
+                    order.append(name)
+                elif ref.name in on_path:
+                    cycle = path[path.index(ref.name):] + [ref.name]
+                    shown = " -> ".join(cycle if len(cycle) <= 9 else cycle[:4] + ["..."] + cycle[-4:])
+                    length = f" ({len(cycle) - 1} layers)" if len(cycle) > 9 else ""
+                    self.fail(f"cycle in the layer graph: {shown}{length}", decls[ref.name].name_span,
+                              "a layer cannot depend on its own output")
+                elif ref.name not in done:
+                    path.append(ref.name)
+                    on_path.add(ref.name)
+                    pending.append(iter(self.input_refs(decls[ref.name])))
         return order
 
     # -- one layer --------------------------------------------------------
@@ -211,6 +234,8 @@ class _Checker:
             self.fail(f"{what} must be a number", v.span)
         if typ == "int" and not v.is_int:
             self.fail(f"{what} must be an integer", v.span)
+        if typ == "int" and abs(v.value) > MAX_ELEMENTS:
+            self.fail(f"{what} must be at most {MAX_ELEMENTS}", v.span, "kernels index with 32 bits")
         if minimum is not None and param is not None and param.open_min and v.value <= minimum:
             self.fail(f"{what} must be greater than {minimum:g}", v.span)
         if minimum is not None and v.value < minimum:
@@ -285,6 +310,8 @@ class _Checker:
         for n in pl.devices:
             if not n.is_int or n.value < 0:
                 self.fail("device ids are non-negative integers", n.span)
+            if n.value > MAX_DEVICE:
+                self.fail(f"device ids go up to {MAX_DEVICE}", n.span)
             if n.value in seen:
                 self.fail(f"device {n.value} is listed twice: replicas need distinct devices", n.span)
             seen.add(n.value)

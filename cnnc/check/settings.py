@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from cnnc.diagnostics import did_you_mean
 from cnnc.frontend import ast
-from cnnc.ir import LayerTrain, Schedule
+from cnnc.ir import MAX_ELEMENTS, LayerTrain, Schedule
 
 # key -> (type, minimum, default)
 GLOBAL_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
@@ -50,6 +50,8 @@ def _number(v: ast.Value, typ: str, minimum, what: str, fail: Callable):
         fail(f"{what} must be a number", v.span)
     if typ == "int" and not v.is_int:
         fail(f"{what} must be an integer", v.span)
+    if typ == "int" and abs(v.value) > MAX_ELEMENTS:
+        fail(f"{what} must be at most {MAX_ELEMENTS}", v.span)
     if minimum is not None and v.value < minimum:
         fail(f"{what} must be at least {minimum:g}", v.span)
     return int(v.value) if typ == "int" else float(v.value)

@@ -10,6 +10,10 @@ from typing import Union
 
 from cnnc.diagnostics import Span
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite 32-bit float: numbers of the language end up as 32-bit floats (kernel
+constants, learning rates, initial weights), so none may be larger in magnitude."""
+
 
 @dataclass(frozen=True)
 class Number:

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean
+from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean, source_lines
+from cnnc.frontend.parser import read_source
 from cnnc.ir import Schedule
 
 DEFAULT_MINI = 128
@@ -110,7 +111,7 @@ def read_cfg(text: str, file: str, warn: Callable[[Diagnostic], None] | None = N
     current: Section | None = None
     target: dict[str, Entry] | None = None
     last: Entry | None = None
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(source_lines(text), 1):
         line = raw.rstrip("\r")
         if line.strip() == "" or line[0] in "#;":
             continue
@@ -248,6 +249,8 @@ def fmt_number(v: float | int) -> str:
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
+    if not math.isfinite(v):            # only in messages: the .cnn language has no such numbers
+        return repr(float(v))
     if v == int(v) and abs(v) < 1e15:
         return str(int(v))
     text = repr(float(v))
@@ -303,14 +306,14 @@ class Imported:
 
     def relocate(self, err: CompileError) -> CompileError:
         """Point the diagnostics of a failed compile of ``text`` at the cfg lines they come from."""
-        dsl_lines = self.text.splitlines()
+        dsl_lines = source_lines(self.text)
         out = []
         for d in err.diagnostics:
             if d.span is None or d.span.line not in self.origins:
                 out.append(d)
                 continue
             file, line = self.origins[d.span.line]
-            src_lines = self.sources[file].splitlines()
+            src_lines = source_lines(self.sources[file])
             width = len(src_lines[line - 1]) if 0 < line <= len(src_lines) else 1
             shown = dsl_lines[d.span.line - 1].strip() if d.span.line <= len(dsl_lines) else ""
             hint = f"imported as: {shown}"
@@ -1067,7 +1070,7 @@ class _Importer:
                 [self.get_float(sec, key, what, default=0.0)]
             if any(vals):
                 self.fail(f"{what}: {label} is not supported by cnnc", self.entry(sec, key),
-                          f"set it to 0 or remove it")
+                          "set it to 0 or remove it")
         period = self.get_int(sec, "updateperiod", what, default=0, minimum=0)
         l.train = {"lr": eps_w, "lr_bias": eps_b, "momentum": mom_w, "momentum_bias": mom_b,
                    "weight_decay": wc, "wball": wball, "update_period_cfg": period}
@@ -1399,14 +1402,10 @@ def parse_shape(text: str) -> tuple[str | None, tuple[int, int, int]]:
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise CompileError(Diagnostic("no such file", str(path))) from None
-    except IsADirectoryError:
-        raise CompileError(Diagnostic("is a directory, not a .cfg file", str(path))) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CompileError(Diagnostic(f"cannot read: {e.__class__.__name__}", str(path))) from None
+    """A .cfg file's text, under the limits every source has (a regular file of at most 16 MiB)."""
+    if path.is_dir():
+        raise CompileError(Diagnostic("is a directory, not a .cfg file", str(path)))
+    return read_source(path)
 
 
 def import_text(layers_text: str, layers_file: str, params_text: str, params_file: str,

@@ -6,14 +6,16 @@ located diagnostics with a caret.
 """
 from __future__ import annotations
 
+import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
-from cnnc.diagnostics import CompileError, Diagnostic, Span
+from cnnc.diagnostics import CompileError, Diagnostic, Span, source_lines
 from cnnc.frontend import ast
 from cnnc.resources import resource_dir
 
@@ -27,6 +29,27 @@ _FRIENDLY = {
 }
 
 _TOKEN_KIND = {"NAME": "name", "SIGNED_NUMBER": "number", "DIMS": "dimensions", "STRING": "string"}
+
+
+MAX_NESTING = 64
+"""Brackets may nest this deep: the syntax tree is converted recursively, so deeper
+nesting would exhaust Python's stack; no real network needs more than a few levels."""
+
+
+class _TooDeep(Exception):
+    """Raised by the post-lexer at the bracket that opens one level too many."""
+
+    def __init__(self, token: Token):
+        super().__init__(str(token))
+        self.token = token
+
+
+class _OutOfRange(Exception):
+    """Raised by the transformer at a number that no 32-bit float can hold."""
+
+    def __init__(self, text: str, span: Span):
+        super().__init__(text)
+        self.text, self.span = text, span
 
 
 class _Separators:
@@ -43,6 +66,8 @@ class _Separators:
                 tok = Token.new_borrow_pos("_NL", ";", tok)
             if tok.type in ("LPAR", "LSQB"):
                 depth += 1
+                if depth > MAX_NESTING:
+                    raise _TooDeep(tok)
             elif tok.type in ("RPAR", "RSQB"):
                 depth = max(0, depth - 1)
             if tok.type == "_NL":
@@ -122,7 +147,10 @@ class _ToAst(Transformer):
     def number(self, meta, children):
         text = str(children[0])
         is_int = not any(c in text for c in ".eE")
-        return ast.Number(int(text) if is_int else float(text), is_int, _span(meta))
+        value = int(text) if is_int else float(text)
+        if not abs(value) <= ast.FLOAT32_MAX:
+            raise _OutOfRange(text, _span(meta))
+        return ast.Number(value, is_int, _span(meta))
 
     def name_value(self, meta, children):
         return ast.NameRef(str(children[0]), _span(meta))
@@ -163,7 +191,7 @@ def _open_brackets(text: str, before: tuple[int, int] | None = None) -> list[Tok
                 stack.append(tok)
             elif stack and tok.type == _CLOSER[stack[-1].type]:
                 stack.pop()
-    except UnexpectedInput:
+    except (UnexpectedInput, _TooDeep):
         pass
     return stack
 
@@ -228,7 +256,7 @@ def _syntax_error(err: UnexpectedInput, file: str, source: str, text: str) -> Co
                 "each statement goes on its own line, or separate statements with ';'"
         return CompileError(Diagnostic(f"unexpected {what}, expected {_expected(expected)}", file, span, hint),
                             source)
-    lines = source.splitlines() or [""]
+    lines = source_lines(source) or [""]
     span = Span.point(len(lines), len(lines[-1]) + 1)
     if "NETWORK" in expected:
         return CompileError(Diagnostic("the file declares no network", file, span, _START_HINT), source)
@@ -245,23 +273,52 @@ def _syntax_error(err: UnexpectedInput, file: str, source: str, text: str) -> Co
 def parse(source: str, file: str = "<input>") -> ast.Program:
     """Parse a whole .cnn source into a Program, or raise a located CompileError."""
     text = source if source.endswith("\n") else source + "\n"
+    nul = source.find("\0")
+    if nul >= 0:        # C tools cut text at a NUL: whatever followed would vanish from generated code
+        line = source.count("\n", 0, nul) + 1
+        column = nul - (source.rfind("\n", 0, nul) + 1) + 1
+        raise CompileError(Diagnostic("NUL byte in the source", file, Span.point(line, column)), source)
     try:
         tree = _lark().parse(text)
         name, statements = _ToAst().transform(tree)
     except UnexpectedInput as err:
         raise _syntax_error(err, file, source, text) from None
-    except VisitError as err:  # a bug in the transformer, never user input
+    except _TooDeep as deep:
+        span = Span.point(deep.token.line, deep.token.column)
+        raise CompileError(Diagnostic(f"brackets nested more than {MAX_NESTING} deep", file, span), source) from None
+    except VisitError as err:  # a bug in the transformer, never user input, unless out of range
+        if isinstance(err.orig_exc, _OutOfRange):
+            bad = err.orig_exc
+            raise CompileError(Diagnostic(f"number {bad.text} is out of range: numbers must be finite 32-bit "
+                                          f"floats, at most {ast.FLOAT32_MAX:.8g} in magnitude", file, bad.span),
+                               source) from None
         raise err.orig_exc from None
     return ast.Program(str(name), statements, file, source, _span(name))
 
 
+MAX_SOURCE_BYTES = 16 * 2**20
+"""Sources larger than this are refused: a 10,000-layer network is well under 1 MiB."""
+
+
 def read_source(path: str | Path) -> str:
-    """A source file's text, or a CompileError naming the file."""
+    """A source file's text, or a CompileError naming the file.
+
+    Only regular files of at most MAX_SOURCE_BYTES are read: a device or a pipe
+    (/dev/zero, a FIFO) could otherwise be read forever."""
     path = Path(path)
     try:
-        return path.read_text()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CompileError(Diagnostic("not a regular file", str(path)))
+            data = f.read(MAX_SOURCE_BYTES + 1)
+        if len(data) > MAX_SOURCE_BYTES:
+            raise CompileError(Diagnostic(f"the file is larger than {MAX_SOURCE_BYTES // 2**20} MiB", str(path)))
+        return data.decode()
     except FileNotFoundError:
         raise CompileError(Diagnostic("no such file", str(path))) from None
+    except IsADirectoryError:
+        raise CompileError(Diagnostic("not a regular file", str(path))) from None
     except (OSError, UnicodeDecodeError) as e:
         raise CompileError(Diagnostic(f"cannot read file: {e.__class__.__name__}", str(path))) from None
 

@@ -9,6 +9,8 @@ or a copy stream touches keep storage of their own.
 """
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections import defaultdict
 
 from cnnc.plan.schedule import Buffer, Op, Plan
@@ -43,8 +45,111 @@ def lifetimes(plan: Plan, program: str) -> tuple[dict[str, tuple[int, int]], set
     return spans, foreign
 
 
-def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
-    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+class _Pool:
+    """One shared allocation being filled: the largest member's size, the last train
+    position any member uses, and the members' test lifetimes (disjoint, by start)."""
+
+    def __init__(self, index: int, first: Buffer, train: tuple[int, int] | None, test: tuple[int, int] | None):
+        self.index = index
+        self.name = first.id
+        self.size = first.size
+        self.train_end = train[1] if train is not None else -1
+        self.test_starts: list[int] = []
+        self.test_ends: list[int] = []
+        self.add_test(test)
+
+    def add_test(self, span: tuple[int, int] | None) -> None:
+        if span is not None:
+            k = bisect.bisect_left(self.test_starts, span[0])
+            self.test_starts.insert(k, span[0])
+            self.test_ends.insert(k, span[1])
+
+    def test_overlaps(self, span: tuple[int, int] | None) -> bool:
+        """Whether a member's test lifetime meets span: only the latest one starting by its end can."""
+        if span is None:
+            return False
+        k = bisect.bisect_right(self.test_starts, span[1]) - 1
+        return k >= 0 and self.test_ends[k] >= span[0]
+
+
+class _BySize:
+    """Pools ordered by (largest member size, creation): the best fit is found by bisection."""
+
+    def __init__(self):
+        self.keys: list[tuple[int, int]] = []
+        self.indices: set[int] = set()
+
+    def __contains__(self, pool: _Pool) -> bool:
+        return pool.index in self.indices
+
+    def add(self, pool: _Pool) -> None:
+        bisect.insort(self.keys, (pool.size, pool.index))
+        self.indices.add(pool.index)
+
+    def remove(self, pool: _Pool) -> None:
+        del self.keys[bisect.bisect_left(self.keys, (pool.size, pool.index))]
+        self.indices.discard(pool.index)
+
+    def best_first(self, size: int):
+        """Pool indices in best-fit order: the smallest pools that hold size without growing,
+        then the largest of the smaller ones; equal sizes in creation order."""
+        keys = self.keys
+        split = bisect.bisect_left(keys, (size, -1))
+        for k in range(split, len(keys)):
+            yield keys[k][1]
+        top = split - 1
+        while top >= 0:
+            low = bisect.bisect_left(keys, (keys[top][0], -1))
+            for k in range(low, top + 1):
+                yield keys[k][1]
+            top = low - 1
+
+
+def _share(group: list[Buffer], train: dict, test: dict, storage: dict[str, str]) -> None:
+    """Give each buffer of one device and dtype the best-fitting pool whose members' lifetimes
+    it meets in neither program, or a pool of its own.
+
+    Buffers come in order of first use (in training, else in test), so the buffers used in
+    training arrive in order of their start there: a pool is free in training exactly when
+    the last train position of its members is before the buffer's start.  Pools are indexed
+    by size, and those free in training are tracked as the start moves on, so each buffer
+    looks at the candidates that fit best first, not at every pool.
+    """
+    pools: list[_Pool] = []
+    every, free = _BySize(), _BySize()      # all pools; those free in training at the current start
+    busy: list[tuple[int, int]] = []         # heap of (train end, pool index) for the pools not free
+    for b in group:
+        span_train, span_test = train.get(b.id), test.get(b.id)
+        if span_train is not None:
+            while busy and busy[0][0] < span_train[0]:
+                free.add(pools[heapq.heappop(busy)[1]])
+        candidates = free if span_train is not None else every
+        chosen = next((pools[i] for i in candidates.best_first(b.size)
+                       if not pools[i].test_overlaps(span_test)), None)
+        if chosen is None:
+            chosen = _Pool(len(pools), b, span_train, span_test)
+            pools.append(chosen)
+            every.add(chosen)
+            if span_train is None:
+                free.add(chosen)
+            else:
+                heapq.heappush(busy, (chosen.train_end, chosen.index))
+            continue
+        storage[b.id] = chosen.name
+        if b.size > chosen.size:            # re-index the pool under its new size
+            was_free = chosen in free
+            every.remove(chosen)
+            if was_free:
+                free.remove(chosen)
+            chosen.size = b.size
+            every.add(chosen)
+            if was_free:
+                free.add(chosen)
+        chosen.add_test(span_test)
+        if span_train is not None:
+            free.remove(chosen)
+            chosen.train_end = span_train[1]
+            heapq.heappush(busy, (chosen.train_end, chosen.index))
 
 
 def assign_storage(plan: Plan) -> dict[str, str]:
@@ -59,19 +164,7 @@ def assign_storage(plan: Plan) -> dict[str, str]:
             candidates[(b.device, b.dtype)].append(b)
     for group in candidates.values():
         group.sort(key=lambda b: (train.get(b.id, test.get(b.id, (0, 0)))[0], -b.size))
-        pools: list[tuple[str, list[Buffer]]] = []
-        for b in group:
-            fits = [(name, members) for name, members in pools
-                    if not any(_overlap(train.get(b.id), train.get(m.id)) or _overlap(test.get(b.id), test.get(m.id))
-                               for m in members)]
-            if fits:
-                # best fit: the pool whose largest member is closest to this size, growing it least
-                name, members = min(fits, key=lambda f: (max(0, b.size - max(m.size for m in f[1])),
-                                                         abs(max(m.size for m in f[1]) - b.size)))
-                members.append(b)
-                storage[b.id] = name
-            else:
-                pools.append((b.id, [b]))
+        _share(group, train, test, storage)
     for b in plan.buffers.values():
         plan.buffers[b.id] = Buffer(b.id, b.device, b.size, b.dtype, b.role, b.layer, storage[b.id])
     return storage
