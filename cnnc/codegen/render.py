@@ -14,8 +14,10 @@ from functools import lru_cache
 import jinja2
 
 from cnnc.codegen.dialect import Dialect
+from cnnc.diagnostics import CompileError, Diagnostic, Span, source_lines
+from cnnc.frontend.ast import FLOAT32_MAX
 from cnnc.neurons import Neuron
-from cnnc.ops import OPS, Role, dropout_threshold
+from cnnc.ops import INT_BUFFERS, OPS, Role, dropout_threshold
 from cnnc.plan.schedule import Kernel
 from cnnc.resources import resource_dir
 
@@ -25,6 +27,7 @@ FAMILY = {
     "pool_fwd": "pool", "pool_bwd": "pool",
     "bias_grad": "reduce",
     "neuron_bwd": "elementwise", "sgd_update": "elementwise", "replica_sum": "elementwise", "max_norm": "elementwise",
+    "nonfinite": "elementwise",
     "softmax_fwd": "softmax", "softmax_bwd": "softmax", "logreg_fwd": "softmax", "logreg_bwd": "softmax",
     "softmax_logreg_bwd": "softmax",
     "neuron_fwd": "eltwise", "neuron_bwd_input": "eltwise",
@@ -41,18 +44,52 @@ FAMILY = {
 # families whose kernels are tiled GEMMs (templates extending gemm.j2)
 GEMM_FAMILIES = ("conv", "fc", "local")
 
-_MATH = re.compile(r"\b(exp|log|tanh|fmax|fmin|fabs|sqrt|fma|pow)\(")
+# CUDA spells single-precision math with an f suffix; a // comment is matched whole so
+# that what it echoes is never rewritten
+_MATH = re.compile(r"//[^\n]*|\b(exp|log|tanh|fmax|fmin|fabs|sqrt|fma|pow)\(")
+
+# C identifiers: what a kernel name must be, since it is spliced into code
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# What user text may not carry into a comment: control and format characters (a
+# line break ends a // comment; bidirectional overrides make the code read other
+# than it compiles), surrogates (which cannot be written as UTF-8), backslashes
+# (one ending a line continues the comment onto the next), the '?' of '??' (the
+# trigraph ??/ is a backslash in OpenCL C) and the '/' of '*/' (which ends a
+# block comment).
+_UNSAFE_IN_COMMENT = re.compile(r"[\x00-\x1f\x7f-\x9f\xad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+                                r"\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f\\]|\?(?=\?)|(?<=\*)/")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def comment_text(text: object) -> str:
+    """User text (a file name, a source line, a layer name) made safe to echo inside a
+    C comment: it stays on its line and can only ever be read as a comment."""
+    return _UNSAFE_IN_COMMENT.sub(_escape, str(text))
 
 
 @lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
-                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                              undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["comment"] = comment_text
+    return env
+
+
+class ConstantRangeError(ValueError):
+    """A kernel constant derived from the user's numbers (2·coeff, wball²) that no 32-bit
+    float can hold: the literal would be infinite."""
 
 
 def lit(v: float) -> str:
     """A C float literal."""
+    if not abs(float(v)) <= FLOAT32_MAX:
+        raise ConstantRangeError(v)
     text = repr(float(v))
     return text + "f" if ("." in text or "e" in text or "inf" in text) else text + ".0f"
 
@@ -185,7 +222,7 @@ def _elements(op: str, p: dict) -> int:
         return p["N"] * p["C"] * p["P"] * p["Q"]
     if op == "pool_bwd":
         return p["N"] * p["C"] * p["H"] * p["W"]
-    if op in ("neuron_bwd", "sgd_update", "replica_sum", "neuron_fwd", "neuron_bwd_input",
+    if op in ("neuron_bwd", "sgd_update", "replica_sum", "nonfinite", "neuron_fwd", "neuron_bwd_input",
               "eltsum_fwd", "eltsum_bwd", "eltmax_fwd", "eltmax_bwd", "dropout_bwd"):
         return p["n"]
     if op in ("concat_fwd", "concat_bwd", "dropout_fwd", "sum2_bwd"):
@@ -228,8 +265,8 @@ def signature(op: str, d: Dialect) -> str:
             parts.append(f"const float {name}")
         elif role is Role.INT_SCALAR:
             parts.append(f"const int {name}")
-        elif name == "labels":
-            parts.append(f"{d.int_ptr()}{name}")
+        elif name in INT_BUFFERS:
+            parts.append(f"{d.int_ptr(const=role is Role.IN)}{name}")
         else:
             parts.append(f"{d.ptr(const=role is Role.IN)}{name}")
     return ", ".join(parts)
@@ -237,6 +274,8 @@ def signature(op: str, d: Dialect) -> str:
 
 def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") -> tuple[str, dict]:
     """The source of one kernel in one dialect, and its launch geometry."""
+    if not _IDENTIFIER.fullmatch(k.name):      # layer names are identifiers, and so are the planner's tags
+        raise ValueError(f"kernel name {k.name!r} is not a C identifier")
     launch, t = geometry(k, d)
     notes = []
     if FAMILY[k.op] in GEMM_FAMILIES:
@@ -265,9 +304,14 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         summed_pre=lambda old, bias: summed_pre(k.params, old, bias),
         global_case=lambda var: global_case(k.params, var),
     )
-    text = _env().get_template(f"{FAMILY[k.op]}.j2").render(**ctx)
+    try:
+        text = _env().get_template(f"{FAMILY[k.op]}.j2").render(**ctx)
+    except ConstantRangeError as e:
+        raise CompileError(Diagnostic(f"layer '{k.layer}' needs the constant {e.args[0]:g} in its kernel "
+                                      f"{k.name}, more than a 32-bit float holds", file,
+                                      Span.point(k.line, 1) if k.line else None)) from None
     if d.name == "cuda":
-        text = _MATH.sub(lambda m: f"{m.group(1)}f(", text)
+        text = _MATH.sub(lambda m: f"{m.group(1)}f(" if m.group(1) else m.group(), text)
     return text, launch
 
 
@@ -283,10 +327,10 @@ class _Params(dict):
 
 def render_source(kernels: list[Kernel], d: Dialect, file: str, source: str, title: str) -> tuple[str, dict]:
     """A whole translation unit (prelude + kernels) and each kernel's launch geometry."""
-    lines = source.splitlines()
+    lines = source_lines(source)
     prelude = (resource_dir("runtime") / d.prelude).read_text()
-    chunks = [f"// {title}\n// Generated by cnnc from {file}; every kernel below names the line it implements.\n",
-              prelude]
+    chunks = [f"// {comment_text(title)}\n// Generated by cnnc from {comment_text(file)}; "
+              f"every kernel below names the line it implements.\n", prelude]
     launches = {}
     for k in kernels:
         line = lines[k.line - 1].strip() if 0 < k.line <= len(lines) else ""
