@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnc.backends.base import Backend
+from cnnc.backends.base import Backend, BackendError
 from cnnc.ir import Schedule
 from cnnc.ops import OPS, Role
 from cnnc.plan.schedule import Buffer, Op, Plan
@@ -37,6 +37,34 @@ def initial_parameters(plan: Plan) -> dict[str, np.ndarray]:
     return out
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(backend: Backend, storages: list[Buffer]) -> None:
+    """Refuse, before anything is allocated, a plan the devices cannot hold: each storage
+    must fit one allocation, and the storages of every logical device placed on one
+    physical device must fit its memory together."""
+    memories = {d: backend.memory(d) for d in {b.device for b in storages}}
+    on: dict = {}                                   # device key -> (memory, logical devices, bytes)
+    for b in storages:
+        memory = memories[b.device]
+        if memory is None:
+            continue
+        if b.nbytes > memory.largest:
+            raise BackendError(f"logical device {b.device} ({memory.name}): a buffer of {b.layer or b.id} "
+                               f"needs {_bytes(b.nbytes)}, the device allocates at most "
+                               f"{_bytes(memory.largest)} at once")
+        _, devices, need = on.get(memory.key, (memory, set(), 0))
+        on[memory.key] = memory, devices | {b.device}, need + b.nbytes
+    for memory, devices, need in on.values():
+        if need > memory.total:
+            which = f"logical device {min(devices)}" if len(devices) == 1 else \
+                "logical devices " + ", ".join(map(str, sorted(devices)))
+            raise BackendError(f"{which} ({memory.name}): the plan needs {_bytes(need)}, "
+                               f"the device has {_bytes(memory.total)}")
+
+
 class Executor:
     def __init__(self, plan: Plan, backend: Backend, parameters: dict[str, np.ndarray] | None = None):
         self.plan = plan
@@ -53,8 +81,9 @@ class Executor:
         for b in self.plan.buffers.values():
             if b.storage not in biggest or b.size > biggest[b.storage].size:
                 biggest[b.storage] = b
-        storage = {s: self.backend.alloc(Buffer(s, b.device, b.size, b.dtype, b.role, b.layer), b.device)
-                   for s, b in biggest.items()}
+        storages = [Buffer(s, b.device, b.size, b.dtype, b.role, b.layer) for s, b in biggest.items()]
+        check_memory(self.backend, storages)
+        storage = {b.id: self.backend.alloc(b, b.device) for b in storages}
         return {b.id: self.backend.view(storage[b.storage], b) for b in self.plan.buffers.values()}
 
     # -- parameters ---------------------------------------------------------------
@@ -80,6 +109,27 @@ class Executor:
 
     def read(self, buffer_id: str) -> np.ndarray:
         return self.backend.download(self.handles[buffer_id], self.plan.buffers[buffer_id])
+
+    # -- numerical health -----------------------------------------------------------
+    def parameters_flagged(self) -> bool:
+        """Whether the training program's check has found a NaN or an infinity in a parameter
+        on some device since the last `restore` (the flags only ever go from 0 to 1)."""
+        return any(int(self.read(b.id)[0]) for b in self.plan.buffers.values() if b.role == "health")
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Host copy of the whole training state: every replica's parameters and momenta."""
+        self.backend.synchronize()
+        return {b: self.read(b) for p in self.plan.parameters for b in p.buffers + p.incs}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Put a `snapshot` back and zero every other buffer, flags included, so that nothing
+        left by a later step (which may be non-finite) survives into a replay."""
+        self.backend.synchronize()
+        for b in self.plan.buffers.values():
+            value = state.get(b.id)
+            self.backend.upload(self.handles[b.id], value if value is not None else
+                                np.zeros(b.size, np.int32 if b.dtype == "i32" else np.float32))
+        self.backend.synchronize()
 
     # -- running ------------------------------------------------------------------
     def _launch_args(self, op: Op, progress: float) -> list[Any]:
@@ -166,11 +216,12 @@ class Executor:
                 at += count
         return loss, correct
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, progress: float) -> tuple[np.ndarray, np.ndarray]:
+    def train_step(self, x: np.ndarray, y: np.ndarray, progress: float,
+                   timer=None) -> tuple[np.ndarray, np.ndarray]:
         """Forward, backward, gradient exchange and updates on one minibatch;
-        returns per-case loss and correctness."""
+        returns per-case loss and correctness (`timer` as in `run`)."""
         self.load_batch(x, y)
-        self.run("train", progress)
+        self.run("train", progress, timer)
         self.counters["step"] += 1
         return self.cost_outputs()
 

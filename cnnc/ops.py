@@ -116,8 +116,8 @@ OPS: dict[str, OpSpec] = {
         OpSpec("softmax_bwd", (("y", I), ("dy", I), ("dx", O)), ("N", "C", "accumulate"),
                "dx[n,c] (+)= y[n,c] * (dy[n,c] - sum_j dy[n,j] * y[n,j])"),
         OpSpec("logreg_fwd", (("labels", I), ("probs", I), ("loss", O), ("correct", O)), ("N", "C", "top_k"),
-               "loss[n] = -log(probs[n,label]); correct[n] = 1 if fewer than top_k classes have a "
-               "larger probability than the label's, else 0"),
+               "loss[n] = -log(probs[n,label]); correct[n] = 1 if the label's probability is finite and "
+               "fewer than top_k classes have a larger (or a NaN) probability, else 0"),
         OpSpec("logreg_bwd", (("labels", I), ("probs", I), ("dprobs", O)), ("N", "C", "coeff", "accumulate"),
                "dprobs[n,c] (+)= -coeff / probs[n,c] if c == label[n] else 0"),
         OpSpec("softmax_logreg_bwd", (("labels", I), ("probs", I), ("dx", O)), ("N", "C", "coeff", "accumulate"),
@@ -152,7 +152,7 @@ OPS: dict[str, OpSpec] = {
                "targets [N, C] f32 (one-hot or soft labels, cuda-convnet2's CrossEntCostLayer): "
                "loss[n] = -sum_c targets[n,c] * log(probs[n,c]) (terms with targets 0 skipped); "
                "correct[n] = 1/m if one of the m classes whose probability equals the case's maximum "
-               "has a positive target, else 0"),
+               "has a positive target and all the case's probabilities are finite, else 0"),
         OpSpec("crossent_bwd", (("targets", I), ("probs", I), ("dprobs", O)), ("N", "C", "coeff", "accumulate"),
                "dprobs[n,c] (+)= -coeff * targets[n,c] / probs[n,c]"),
         OpSpec("softmax_crossent_bwd", (("targets", I), ("probs", I), ("dx", O)),
@@ -232,8 +232,14 @@ OPS: dict[str, OpSpec] = {
                 ("inv_cases", S)),
                ("n",),
                "inc = momentum*inc - lr*(dw*inv_cases + weight_decay*w); w += inc"),
+        OpSpec("nonfinite", (("x", I), ("flag", IO)), ("n",),
+               "flag[0] = 1 if any x[i], i < n, is NaN or infinite; otherwise flag is left as it is, so "
+               "launches over several buffers OR into one flag (int32, zero until something is found)"),
     ]
 }
+
+# buffer arguments that hold int32 rather than float32
+INT_BUFFERS = frozenset({"labels", "flag"})
 
 
 def dropout_threshold(keep: float) -> int:

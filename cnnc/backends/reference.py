@@ -10,13 +10,18 @@ from typing import Sequence
 
 import numpy as np
 
-from cnnc.backends.base import DTYPES, Backend
+from cnnc.backends.base import DTYPES, Backend, DeviceMemory, available_host_memory
 from cnnc.backends.reference_ops import REFERENCE_OPS
 from cnnc.plan.schedule import Buffer, Kernel
 
 
 class ReferenceBackend(Backend):
     name = "reference"
+
+    def memory(self, device: int) -> DeviceMemory | None:
+        """Every logical device lives in host memory, so all share what is available."""
+        available = available_host_memory()
+        return None if available is None else DeviceMemory("host", "host memory", available, available)
 
     def alloc(self, buffer: Buffer, device: int) -> np.ndarray:
         return np.zeros(buffer.size, DTYPES[buffer.dtype])
@@ -31,7 +36,9 @@ class ReferenceBackend(Backend):
         return handle.copy()
 
     def launch(self, kernel: Kernel, device: int, args: Sequence, stream: str = "compute") -> None:
-        REFERENCE_OPS[kernel.op](kernel.params, *args)
+        # overflow and NaN are the training loop's to notice and report, as on the devices
+        with np.errstate(all="ignore"):
+            REFERENCE_OPS[kernel.op](kernel.params, *args)
 
     def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count, stream="copy-in") -> None:
         dst[dst_offset:dst_offset + count] = src[src_offset:src_offset + count]

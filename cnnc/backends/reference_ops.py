@@ -263,12 +263,13 @@ def softmax_bwd(p, y, dy, dx):
 
 
 def logreg_fwd(p, labels, probs, loss, correct):
-    """loss = -log(probs[label]); correct = fewer than top_k classes beat the label."""
+    """loss = -log(probs[label]); correct = the label's probability is finite and fewer than
+    top_k classes beat it, a class with a NaN probability counting as beating it."""
     pv = _in(probs, (p["N"], p["C"]))
     picked = pv[_rows(labels, p["N"])]
-    beaten = (pv > picked[:, None]).sum(axis=1)
+    beaten = (~(pv <= picked[:, None])).sum(axis=1)
     _store(_out(loss, (p["N"],)), -np.log(picked), p)
-    _store(_out(correct, (p["N"],)), beaten < p["top_k"], p)
+    _store(_out(correct, (p["N"],)), (beaten < p["top_k"]) & np.isfinite(picked), p)
 
 
 def logreg_bwd(p, labels, probs, dprobs):
@@ -285,6 +286,12 @@ def softmax_logreg_bwd(p, labels, probs, dx):
     g = np.array(_in(probs, (p["N"], p["C"])), copy=True)
     g[_rows(labels, p["N"])] -= 1
     _store(_out(dx, (p["N"], p["C"])), p["coeff"] * g, p)
+
+
+def nonfinite(p, x, flag):
+    """flag[0] = 1 if x holds a NaN or an infinity; otherwise flag keeps its value."""
+    if not np.isfinite(_in(x, (p["n"],))).all():
+        flag[0] = 1
 
 
 def sgd_update(p, w, dw, inc, lr, momentum, weight_decay, inv_cases):
@@ -372,13 +379,13 @@ def onehot(p, labels, targets):
 
 def crossent_fwd(p, targets, probs, loss, correct):
     """loss = -sum targets * log(probs); correct = 1/(number of maxima) if a maximal class has a
-    positive target."""
+    positive target and every probability of the case is finite."""
     tv, pv = _in(targets, (p["N"], p["C"])), _in(probs, (p["N"], p["C"]))
     safe = np.where(tv != 0, pv, 1)
     _store(_out(loss, (p["N"],)), -(np.where(tv != 0, tv * np.log(safe), 0)).sum(axis=1), p)
     is_max = pv == pv.max(axis=1, keepdims=True)
-    hit = (is_max & (tv > 0)).any(axis=1)
-    _store(_out(correct, (p["N"],)), np.where(hit, 1 / is_max.sum(axis=1), 0), p)
+    hit = (is_max & (tv > 0)).any(axis=1) & np.isfinite(pv).all(axis=1)
+    _store(_out(correct, (p["N"],)), np.where(hit, 1 / np.maximum(is_max.sum(axis=1), 1), 0), p)
 
 
 def crossent_bwd(p, targets, probs, dprobs):
@@ -641,7 +648,7 @@ REFERENCE_OPS: dict[str, Callable] = {
         conv_fwd, conv_bwd_data, conv_bwd_filter, bias_grad,
         fc_fwd, fc_bwd_data, fc_bwd_filter, neuron_bwd,
         pool_fwd, pool_bwd, softmax_fwd, softmax_bwd,
-        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum, max_norm,
+        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum, max_norm, nonfinite,
         neuron_fwd, neuron_bwd_input, eltsum_fwd, eltsum_bwd, eltmax_fwd, eltmax_bwd,
         concat_fwd, concat_bwd, onehot, crossent_fwd, crossent_bwd, softmax_crossent_bwd, sum2_fwd, sum2_bwd,
         cmrnorm_fwd, cmrnorm_bwd, rnorm_fwd, rnorm_bwd, cnorm_meandiff, cnorm_fwd, cnorm_bwd_prep, cnorm_bwd,

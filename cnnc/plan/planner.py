@@ -29,7 +29,7 @@ from cnnc.check.kinds import KINDS
 from cnnc.plan import lowering
 from cnnc.plan.memory import assign_storage
 from cnnc.diagnostics import CompileError, Diagnostic
-from cnnc.ir import Input, Layer, Network
+from cnnc.ir import MAX_ELEMENTS, Input, Layer, Network
 from cnnc.plan.schedule import Buffer, Kernel, LayerPlacement, Op, Parameter, Plan
 
 
@@ -48,6 +48,7 @@ class _Planner:
         self.buffers: dict[str, Buffer] = {}
         self.kernels: dict[str, Kernel] = {}
         self.params: list[Parameter] = []
+        self.params_of: dict[str, list[Parameter]] = defaultdict(list)     # layer name -> its parameters
         self.steps: list[_Step] = []
         self.grad_writes: dict[tuple[str, int], int] = defaultdict(int)
         self.mirrors: set[tuple[str, int]] = set()
@@ -192,6 +193,11 @@ class _Planner:
     def buffer(self, id: str, device: int, size: int, role: str, layer: str, dtype: str = "f32") -> str:
         old = self.buffers.get(id)
         if old is None:
+            if size > MAX_ELEMENTS:         # weights, scratch: the checker has bounded the activations
+                span = self.net.node(layer).span if layer else None
+                raise CompileError(Diagnostic(f"'{layer or id}' needs a buffer of {size} elements ({id}); kernels "
+                                              f"index with 32 bits (at most 2^31-1)", self.net.file, span,
+                                              "make the layer smaller"), self.net.source)
             self.buffers[id] = Buffer(id, device, size, dtype, role, layer)
         else:
             assert old.device == device and old.size == size, f"buffer clash: {id}"
@@ -347,6 +353,7 @@ class _Planner:
             if KINDS[l.kind].has_weights:
                 self.declare_parameters(l)
         train = self.schedule(training=True)
+        self.parameter_checks()              # appends to the training program just scheduled
         test = self.schedule(training=False)
         return self.assemble(train, test)
 
@@ -468,10 +475,11 @@ class _Planner:
                 incs.append(self.buffer(self.own(l, what + ".inc", j), d, size, "momentum", l.name))
             self.params.append(Parameter(l.name, what, tuple(bufs), tuple(grads), tuple(incs), shape, init,
                                          len(self.params)))
+            self.params_of[l.name].append(self.params[-1])
 
     def site(self, l: Layer, j: int, d: int, p: int) -> lowering.Site:
         """Replica j of l on device d in pass p: its buffers and a way to launch kernels."""
-        mine = [q for q in self.params if q.layer == l.name]
+        mine = self.params_of[l.name]
 
         def emit(name, op, params, args, writes, summary, **scalars):
             self.launch(d, self.kernel(name, op, params, l, summary), args, writes, **scalars)
@@ -554,7 +562,7 @@ class _Planner:
     def update(self, l: Layer, p: int) -> None:
         t = l.train
         cases = self.cases(l) * len(l.gpus) * self.period(l)
-        for q in (q for q in self.params if q.layer == l.name):
+        for q in self.params_of[l.name]:
             if q.name == "biases":
                 lr, mom, wd = t.lr_bias, t.momentum_bias, 0.0
             else:
@@ -574,6 +582,19 @@ class _Planner:
                                 f"wball: scale {l.name}'s {layout['units']} units down to norm {t.wball:g}")
                 for j, d in enumerate(l.gpus):
                     self.launch(d, k, (q.buffers[j],), (q.buffers[j],))
+
+    def parameter_checks(self) -> None:
+        """After the updates, every parameter buffer ORs "holds a NaN or an infinity" into its
+        device's one-int flag, which the host reads with the loss: a divergence check per
+        step that moves four bytes per device."""
+        self.phase, self.pass_ = "check", 0
+        for q in self.params:
+            for buf in q.buffers:
+                d, n = self.buffers[buf].device, self.buffers[buf].size
+                flag = self.buffer(f"nonfinite.flag{self.tag(None, d)}", d, 1, "health", "", "i32")
+                k = self.kernel(f"nonfinite_n{n}", "nonfinite", dict(n=n), None,
+                                f"flag a NaN or an infinity among {n} parameter values")
+                self.launch(d, k, (buf, flag), (flag,))
 
     def allreduce(self, l: Layer, q: Parameter) -> None:
         """Sum the replicas' gradients: reduce-scatter (replica c owns chunk c), then all-gather.

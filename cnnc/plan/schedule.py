@@ -11,10 +11,16 @@ that needs another device's result waits for an event that device records.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 PLAN_FORMAT = 2
+
+
+def _shallow(obj) -> dict:
+    """A dataclass's fields as a dict, values shared, not copied: plans of thousands of
+    layers are written in one pass, and ``dataclasses.asdict`` would deep-copy every value."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class Buffer:
     size: int                  # elements
     dtype: str                 # "f32" | "i32"
     role: str                  # input | labels | activation | gradient | weights | biases | weight_grad |
-    #                            momentum | cost | mirror | staging
+    #                            momentum | cost | mirror | staging | health (int flags the host reads)
     layer: str
     storage: str = ""          # allocation it lives in (shared with buffers whose lifetimes are disjoint)
 
@@ -77,7 +83,7 @@ class Op:
     input: str = ""
     cases: tuple[tuple[int, int], ...] = ()
     event: str = ""
-    phase: str = ""            # forward | backward | exchange | update (for people and summaries)
+    phase: str = ""            # forward | backward | exchange | update | check (for people and summaries)
     pass_: int = 0
 
     def reads(self) -> tuple[str, ...]:
@@ -86,15 +92,20 @@ class Op:
         return self.args if self.kind == "launch" else ()
 
     def to_json(self) -> dict:
-        full = asdict(self)
-        full["args"] = list(self.args)
-        full["cases"] = [list(c) for c in self.cases]
-        default = Op("x")
-        return {k: v for k, v in full.items() if k == "kind" or v != getattr(default, k) and v != []}
+        """The kind and every field that differs from its default."""
+        out = {"kind": self.kind}
+        for k, default in _OP_DEFAULTS.items():
+            v = getattr(self, k)
+            if v != default:
+                out[k] = [list(c) for c in v] if k == "cases" else list(v) if k == "args" else v
+        return out
 
     @staticmethod
     def from_json(d: dict) -> "Op":
         return Op(**dict(d, args=tuple(d.get("args", ())), cases=tuple(tuple(c) for c in d.get("cases", ()))))
+
+
+_OP_DEFAULTS = {k: v for k, v in _shallow(Op("")).items() if k != "kind"}
 
 
 @dataclass(frozen=True)
@@ -159,10 +170,10 @@ class Plan:
             "classes": self.classes,
             "inputs": self.inputs,
             "costs": self.costs,
-            "layers": [dict(asdict(l), devices=list(l.devices)) for l in self.layers],
-            "buffers": [asdict(b) for b in self.buffers.values()],
-            "kernels": [asdict(k) for k in self.kernels.values()],
-            "parameters": [dict(asdict(p), buffers=list(p.buffers), grads=list(p.grads), incs=list(p.incs),
+            "layers": [dict(_shallow(l), devices=list(l.devices)) for l in self.layers],
+            "buffers": [_shallow(b) for b in self.buffers.values()],
+            "kernels": [_shallow(k) for k in self.kernels.values()],
+            "parameters": [dict(_shallow(p), buffers=list(p.buffers), grads=list(p.grads), incs=list(p.incs),
                                 shape=list(p.shape)) for p in self.parameters],
             "programs": {name: {str(dev): [op.to_json() for op in ops] for dev, ops in prog.items()}
                          for name, prog in self.programs.items()},

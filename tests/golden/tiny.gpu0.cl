@@ -219,10 +219,12 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) cost_logreg_fwd_n2
     const int base = n * 3;
     const int label = labels[n];
     const float p_label = probs[base + label];
+    // a class counts as above the label unless it is <= the label's probability, so NaN is never
+    // a hit: a NaN label counts itself, and every class with a NaN probability counts
     int above = 0;
-    for (int c = 0; c < 3; ++c) above += probs[base + c] > p_label ? 1 : 0;
+    for (int c = 0; c < 3; ++c) above += probs[base + c] <= p_label ? 0 : 1;
     loss[n] = -log(p_label);
-    correct[n] = above < 1 ? 1.0f : 0.0f;
+    correct[n] = above < 1 && isfinite(p_label) ? 1.0f : 0.0f;
 }
 
 // ---------------------------------------------------------------------------
@@ -617,4 +619,48 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n3(__gl
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
     w[idx] = weight + step;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n18
+// flag a NaN or an infinity among 18 parameter values
+// ---------------------------------------------------------------------------
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) nonfinite_n18(__global const float* restrict x, __global int* restrict flag)
+{
+    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
+    if (idx >= 18) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n2
+// flag a NaN or an infinity among 2 parameter values
+// ---------------------------------------------------------------------------
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) nonfinite_n2(__global const float* restrict x, __global int* restrict flag)
+{
+    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
+    if (idx >= 2) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n54
+// flag a NaN or an infinity among 54 parameter values
+// ---------------------------------------------------------------------------
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) nonfinite_n54(__global const float* restrict x, __global int* restrict flag)
+{
+    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
+    if (idx >= 54) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n3
+// flag a NaN or an infinity among 3 parameter values
+// ---------------------------------------------------------------------------
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) nonfinite_n3(__global const float* restrict x, __global int* restrict flag)
+{
+    const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
+    if (idx >= 3) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
 }

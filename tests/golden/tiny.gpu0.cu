@@ -220,10 +220,12 @@ extern "C" __global__ void __launch_bounds__(256) cost_logreg_fwd_n2_c3(const in
     const int base = n * 3;
     const int label = labels[n];
     const float p_label = probs[base + label];
+    // a class counts as above the label unless it is <= the label's probability, so NaN is never
+    // a hit: a NaN label counts itself, and every class with a NaN probability counts
     int above = 0;
-    for (int c = 0; c < 3; ++c) above += probs[base + c] > p_label ? 1 : 0;
+    for (int c = 0; c < 3; ++c) above += probs[base + c] <= p_label ? 0 : 1;
     loss[n] = -logf(p_label);
-    correct[n] = above < 1 ? 1.0f : 0.0f;
+    correct[n] = above < 1 && isfinite(p_label) ? 1.0f : 0.0f;
 }
 
 // ---------------------------------------------------------------------------
@@ -618,4 +620,48 @@ extern "C" __global__ void __launch_bounds__(256) sgd_update_n3(float* __restric
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
     w[idx] = weight + step;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n18
+// flag a NaN or an infinity among 18 parameter values
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) nonfinite_n18(const float* __restrict__ x, int* __restrict__ flag)
+{
+    const int idx = blockIdx.x * 256 + threadIdx.x;
+    if (idx >= 18) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n2
+// flag a NaN or an infinity among 2 parameter values
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) nonfinite_n2(const float* __restrict__ x, int* __restrict__ flag)
+{
+    const int idx = blockIdx.x * 256 + threadIdx.x;
+    if (idx >= 2) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n54
+// flag a NaN or an infinity among 54 parameter values
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) nonfinite_n54(const float* __restrict__ x, int* __restrict__ flag)
+{
+    const int idx = blockIdx.x * 256 + threadIdx.x;
+    if (idx >= 54) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_n3
+// flag a NaN or an infinity among 3 parameter values
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256) nonfinite_n3(const float* __restrict__ x, int* __restrict__ flag)
+{
+    const int idx = blockIdx.x * 256 + threadIdx.x;
+    if (idx >= 3) return;
+    if (!isfinite(x[idx])) flag[0] = 1;
 }
