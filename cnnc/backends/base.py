@@ -6,8 +6,10 @@ same way, which is what makes the reference backend a usable oracle.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
@@ -20,8 +22,39 @@ class BackendError(Exception):
     """A backend cannot start or run (no device, a failed kernel build, ...)."""
 
 
+def available_host_memory() -> int | None:
+    """Bytes the host can still give without swapping (Linux's MemAvailable), else its
+    physical memory; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """How much memory a device offers a plan: `total` for all its allocations together
+    (shared by every logical device on it, which `key` identifies), `largest` for one."""
+
+    key: Hashable
+    name: str
+    total: int
+    largest: int
+
+
 class Backend(ABC):
     name: str = "?"
+
+    def memory(self, device: int) -> DeviceMemory | None:
+        """The memory of the device logical device `device` runs on; None: no known limit."""
+        return None
 
     @abstractmethod
     def alloc(self, buffer: Buffer, device: int) -> Any:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cnnc.backends.base import DTYPES, Backend, BackendError
+from cnnc.backends.base import DTYPES, Backend, BackendError, DeviceMemory
 from cnnc.plan.schedule import Buffer, Kernel
 
 
@@ -101,6 +101,14 @@ class CudaBackend(Backend):
         return SourceModule(source, no_extern_c=True, options=["-std=c++17"])
 
     # -- the Backend primitives ------------------------------------------------------
+    def memory(self, device: int) -> DeviceMemory:
+        """What the GPU has free now (other processes may hold the rest); one buffer may take all of it."""
+        ordinal = self.physical[device]
+        with self._on(device):
+            free, _ = self.drv.mem_get_info()
+        name = f"GPU {ordinal}, {self.drv.Device(ordinal).name()}"
+        return DeviceMemory(ordinal, name, free, free)
+
     def alloc(self, buffer: Buffer, device: int):
         with self._on(device):
             mem = self.drv.mem_alloc(max(buffer.nbytes, 4))

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cnnc.backends.base import DTYPES, Backend, BackendError
+from cnnc.backends.base import DTYPES, Backend, BackendError, DeviceMemory, available_host_memory
 from cnnc.plan.schedule import Buffer, Kernel
 
 
@@ -51,9 +51,16 @@ def _pick_device():
     wanted = os.environ.get("CNNC_OPENCL_DEVICE")     # "platform substring[:device index]"
     if wanted:
         name, _, index = wanted.partition(":")
+        if not (index or "0").isdigit():
+            raise BackendError(f"CNNC_OPENCL_DEVICE={wanted!r}: after ':' comes a device index, e.g. "
+                               f"{name}:0")
         for p in platforms:
             if name.lower() in p.name.lower() or name.lower() in p.version.lower():
-                return p.get_devices()[int(index or 0)]
+                devices = p.get_devices()
+                if int(index or 0) >= len(devices):
+                    raise BackendError(f"CNNC_OPENCL_DEVICE={wanted!r}: platform {p.name!r} has "
+                                       f"{len(devices)} device(s), numbered from 0")
+                return devices[int(index or 0)]
         raise BackendError(f"CNNC_OPENCL_DEVICE={wanted!r} matches no OpenCL platform "
                            f"({', '.join(p.name for p in platforms)})")
     devices = [d for p in platforms for d in p.get_devices()]
@@ -113,24 +120,40 @@ class OpenCLBackend(Backend):
         self.queues: dict[tuple[int, str], object] = {}     # (logical device, stream) -> in-order queue
         self.device_names = [devices[p].name.strip() for p in self.used]
         self.events: dict[str, object] = {}
-        self.programs = {}
+        self._sources = dict(sources)
+        self._programs: dict[str, object] = {}           # OpenCL C source -> built program
         self._kernels: dict[tuple[int, str], object] = {}
-        by_source: dict[str, object] = {}
-        for dev, src in sources.items():
-            if src not in by_source:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")   # build logs of successful builds
-                    try:
-                        by_source[src] = cl.Program(self.ctx, src).build(options=["-cl-std=CL1.2"])
-                    except cl.RuntimeError as e:
-                        raise BackendError(f"OpenCL build failed: {str(e).strip().splitlines()[0]}") from None
-            self.programs[dev] = by_source[src]
+
+    def _program(self, device: int):
+        """The device's program, built on first use: after the executor has checked that the
+        plan fits the devices, so an impossible plan is refused before a long kernel build."""
+        src = self._sources[device]
+        if src not in self._programs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # build logs of successful builds
+                try:
+                    self._programs[src] = self.cl.Program(self.ctx, src).build(options=["-cl-std=CL1.2"])
+                except self.cl.RuntimeError as e:
+                    raise BackendError(f"OpenCL build failed: {str(e).strip().splitlines()[0]}") from None
+        return self._programs[src]
 
     def _kernel(self, device: int, name: str):
         key = (device, name)
         if key not in self._kernels:
-            self._kernels[key] = getattr(self.programs[device], name)
+            self._kernels[key] = getattr(self._program(device), name)
         return self._kernels[key]
+
+    def memory(self, device: int) -> DeviceMemory:
+        """The OpenCL device's global memory, and CL_DEVICE_MAX_MEM_ALLOC_SIZE for one buffer;
+        sub-devices (CNNC_OPENCL_SUBDEVICES) share their parent's memory, and a CPU device's
+        memory is the host's, of which it can only use what is still available."""
+        d = root = self._devices[device]
+        while root.parent_device is not None:
+            root = root.parent_device
+        total = d.global_mem_size
+        if d.type & self.cl.device_type.CPU:
+            total = min(total, available_host_memory() or total)
+        return DeviceMemory(root.int_ptr, d.name.strip(), total, min(d.max_mem_alloc_size, total))
 
     def alloc(self, buffer: Buffer, device: int):
         cl = self.cl

@@ -8,14 +8,17 @@ generators, so a run can be repeated exactly on another machine.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
-import zipfile
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from cnnc.train.arrays import ArchiveError, read_npz
 
 __all__ = [
     "DataError",
@@ -31,6 +34,10 @@ __all__ = [
 ]
 
 _NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+# Pixels of an .npz without a declared `pixel_range` may be anything finite up to
+# this magnitude: raw 8- and 16-bit values fit, a unit mix-up (or garbage) does not.
+MAX_PIXEL = 1e6
 
 
 class DataError(Exception):
@@ -128,71 +135,78 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     )
 
 
-def _images(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
+def _pixel_range(path: Path, arr: np.ndarray | None) -> tuple[float, float]:
+    """The declared [low, high] of every pixel: the archive's `pixel_range`, else +-MAX_PIXEL."""
+    if arr is None:
+        return -MAX_PIXEL, MAX_PIXEL
+    if arr.shape != (2,) or not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all() \
+            or not arr[0] <= arr[1] or np.abs(arr).max() > np.finfo(np.float32).max:
+        raise DataError(f"{path}: pixel_range must be two finite float32 numbers [low, high], "
+                        f"got {arr.tolist()}")
+    return float(arr[0]), float(arr[1])
+
+
+def _images(path: Path, key: str, arr: np.ndarray, pixel_range: tuple[float, float]) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[:, None, :, :]
     elif arr.ndim != 4:
         raise DataError(f"{path}: {key} must be [n, C, H, W] or [n, H, W], "
                         f"got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    if arr.dtype.kind not in "biuf":                # complex would lose its imaginary part
         raise DataError(f"{path}: {key} must be numeric, got dtype {arr.dtype}")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(out).all():
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"{path}: {key} contains NaN or infinite values")
-    return out
+    low, high = pixel_range
+    if arr.size and (arr.min() < low or arr.max() > high):
+        declared = "its pixel_range" if pixel_range != (-MAX_PIXEL, MAX_PIXEL) else \
+            "the limit for data without a pixel_range"
+        raise DataError(f"{path}: {key} has pixels from {arr.min():.6g} to {arr.max():.6g}, outside "
+                        f"[{low:.6g}, {high:.6g}] ({declared})")
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _labels(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
     if arr.ndim != 1:
         raise DataError(f"{path}: {key} must be 1-D, got shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.integer):
-        labels = arr
-    elif np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
-        labels = arr  # whole-number floats, as many tools save labels
-    else:
-        raise DataError(f"{path}: {key} must hold integer class labels, "
-                        f"got dtype {arr.dtype}")
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{path}: {key} has negative labels")
-    if labels.size and labels.max() > np.iinfo(np.int32).max:
+    if not np.issubdtype(arr.dtype, np.integer):     # a float label may have been anything before rounding
+        raise DataError(f"{path}: {key} must hold integer class labels, got dtype {arr.dtype} "
+                        f"(convert whole numbers with .astype(int))")
+    if arr.size and arr.min() < 0:                   # a kernel would read before its buffer
+        raise DataError(f"{path}: {key} has negative labels (the smallest is {arr.min()})")
+    if arr.size and arr.max() > np.iinfo(np.int32).max:
         raise DataError(f"{path}: {key} has labels beyond int32")
-    return labels.astype(np.int32)
+    return arr.astype(np.int32)
 
 
 def load_npz(path: str | os.PathLike[str]) -> Dataset:
-    """A user data set saved with ``np.savez(train_x=..., train_y=..., ...)``."""
+    """A user data set saved with ``np.savez(train_x=..., train_y=..., ...)``, optionally
+    with ``classes`` (a scalar) and ``pixel_range`` ([low, high], which every pixel must
+    lie in; without it, pixels must lie within +-MAX_PIXEL)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: not an .npz archive (a single array?)")
-        try:
-            missing = [k for k in _NPZ_KEYS if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(missing)} "
-                                f"(expected {', '.join(_NPZ_KEYS)})")
-            raw = {k: z[k] for k in _NPZ_KEYS}
-            classes_arr = z["classes"] if "classes" in z.files else None
-        finally:
-            z.close()
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: cannot read as .npz ({msg})") from exc
+        raw = read_npz(path)
+    except ArchiveError as e:
+        raise DataError(f"{path}: {e}") from None
+    missing = [k for k in _NPZ_KEYS if k not in raw]
+    if missing:
+        raise DataError(f"{path}: missing array(s) {', '.join(missing)} "
+                        f"(expected {', '.join(_NPZ_KEYS)})")
+    classes_arr = raw.get("classes")
+    pixel_range = _pixel_range(path, raw.get("pixel_range"))
 
-    train_x = _images(path, "train_x", raw["train_x"])
-    test_x = _images(path, "test_x", raw["test_x"])
+    train_x = _images(path, "train_x", raw["train_x"], pixel_range)
+    test_x = _images(path, "test_x", raw["test_x"], pixel_range)
     train_y = _labels(path, "train_y", raw["train_y"])
     test_y = _labels(path, "test_y", raw["test_y"])
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         if len(x) != len(y):
             raise DataError(f"{path}: {split}_x has {len(x)} images but "
                             f"{split}_y has {len(y)} labels")
-    if len(train_x) == 0:
-        raise DataError(f"{path}: train split is empty")
+    for split, x in (("train", train_x), ("test", test_x)):
+        if len(x) == 0:
+            raise DataError(f"{path}: the {split} split is empty")
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DataError(f"{path}: train and test images differ in shape "
                         f"({train_x.shape[1:]} vs {test_x.shape[1:]})")
@@ -225,21 +239,55 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            return _empty_only(found) if name == "_reconstruct" else found
         raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+def _empty_only(reconstruct):
+    """numpy pickles an array as an empty one filled by its state (whose size must match
+    the data it carries); a non-empty shape here would be allocated unchecked."""
+    def checked(subtype, shape, dtype):
+        if not isinstance(shape, tuple) or any(not isinstance(n, int) or n != 0 for n in shape):
+            raise pickle.UnpicklingError(f"array skeleton of shape {shape!r}")
+        return reconstruct(subtype, shape, dtype)
+    return checked
+
+
+def _unpickle_batch(path: Path) -> dict:
+    """A pickle's opcodes are walked first: a length it declares beyond the file's end is
+    an error here, where unpickling would allocate it before reading."""
+    data = path.read_bytes()
+    for _ in pickletools.genops(io.BytesIO(data)):
+        pass
+    d = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise TypeError(f"a {type(d).__name__}, not a dict")
+    return d
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            d = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(d[b"data"] if b"data" in d else d["data"], dtype=np.uint8)
-        labels = np.asarray(d[b"labels"] if b"labels" in d else d["labels"], dtype=np.int64)
+        d = _unpickle_batch(path)
+        raw_data = d[b"data"] if b"data" in d else d["data"]
+        raw_labels = d[b"labels"] if b"labels" in d else d["labels"]
+        data = np.asarray(raw_data)
+        labels = np.asarray(raw_labels)
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to read this CIFAR-10 batch") from None
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({e.__class__.__name__}: {e})") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if data.dtype != np.uint8:
+        raise DataError(f"{path}: 'data' must hold bytes (uint8 pixels 0..255), got dtype {data.dtype}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' must be integers, got dtype {labels.dtype}")
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise DataError(f"{path}: expected 'data' of shape [n, 3072] and one label per row, "
-                        f"got {data.shape} and {len(labels)} labels")
+                        f"got {data.shape} and labels of shape {labels.shape}")
+    if len(data) == 0:
+        raise DataError(f"{path}: the batch holds no images")
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: CIFAR-10 labels must be 0..9, found {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -257,8 +305,6 @@ def load_cifar10(folder: str | os.PathLike[str]) -> Dataset:
     train_x = np.concatenate(xs).astype(np.float32) / 255.0
     mean = train_x.mean(axis=0, keepdims=True)
     labels = np.concatenate(ys)
-    if labels.min(initial=0) < 0 or max(labels.max(initial=0), ty.max(initial=0)) > 9:
-        raise DataError(f"{folder}: CIFAR-10 labels must be 0..9")
     return Dataset("cifar10", np.ascontiguousarray(train_x - mean), labels.astype(np.int32),
                    np.ascontiguousarray(tx.astype(np.float32) / 255.0 - mean), ty.astype(np.int32), 10)
 

@@ -8,13 +8,13 @@ the network is a one-line WeightsError naming the file and the problem.
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from cnnc.build import write_atomic
 from cnnc.plan.schedule import Plan
+from cnnc.train.arrays import ArchiveError, read_npz
 
 WEIGHTS_FILE = "weights.npz"
 
@@ -37,10 +37,10 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise WeightsError(f"{path}: no such parameter file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise WeightsError(f"{path}: not a readable .npz parameter file ({e.__class__.__name__})") from None
+        out = read_npz(path)
+    except ArchiveError as e:
+        raise WeightsError(f"{path}: {e}; a parameter file is an .npz with one array per parameter, "
+                           f"as cnnc run saves and cnnc export writes") from None
     for k, v in out.items():
         if v.dtype.kind != "f" or not np.isfinite(v).all():
             raise WeightsError(f"{path}: array '{k}' is not finite floating-point data")
@@ -61,7 +61,14 @@ def weights_for(plan: Plan, path: Path) -> dict[str, np.ndarray]:
     for name, shape in expected.items():
         if values[name].shape != shape:
             raise WeightsError(f"{path}: '{name}' has shape {values[name].shape}, the network needs {shape}")
-    return {k: v.astype(np.float32) for k, v in values.items()}
+    single = {}
+    for name, v in values.items():
+        with np.errstate(over="ignore"):
+            single[name] = v.astype(np.float32)
+        if not np.isfinite(single[name]).all():
+            raise WeightsError(f"{path}: array '{name}' holds values too large for float32 "
+                               f"(largest magnitude {float(np.abs(v).max()):.6g})")
+    return single
 
 
 def export(save_dir: Path, out: Path) -> list[str]:
