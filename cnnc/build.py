@@ -11,7 +11,9 @@ Writes a build directory:
 Every file is written to a temporary name and renamed into place, manifest
 last, so an interrupted build never looks complete.  A rebuild whose inputs
 (source, options, compiler version, templates) hash the same as the existing
-manifest's regenerates nothing.
+manifest's, and whose files still match the manifest's sha256, regenerates
+nothing.  A directory is compiled into only when it is empty or already a
+build (see cnnc/build_dir.py), and only while this process holds its lock.
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from cnnc import __version__
+from cnnc.build_dir import (ARTEFACT_RE, MANIFEST_FORMAT, MARKER, BuildError, build_lock, claim, clean_scratch,
+                            read_manifest, scratch_prefix, sha256_file, verify_files)
 from cnnc.check import check
 from cnnc.codegen.dialect import DIALECTS
 from cnnc.codegen.occupancy import occupancy
@@ -38,6 +42,7 @@ from cnnc.frontend.parser import parse, read_source
 from cnnc.ir import Network
 from cnnc.plan.planner import plan as make_plan
 from cnnc.plan.schedule import PLAN_FORMAT, Plan
+from cnnc.plan.validate import PlanError, validate
 from cnnc.resources import resource_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
@@ -84,14 +89,15 @@ def _inputs_hash(source: str, archs: Sequence[str], use_nvcc: bool) -> str:
 
 
 def _up_to_date(out_dir: Path, digest: str) -> bool:
-    manifest = out_dir / "manifest.json"
-    if not manifest.is_file():
+    """Built from the same inputs, and every file still what that build wrote."""
+    if not (out_dir / "manifest.json").is_file():
         return False
     try:
-        m = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        m = read_manifest(out_dir)
+        verify_files(out_dir, m)
+    except (BuildError, OSError):
         return False
-    return m.get("inputs_hash") == digest and all((out_dir / f).is_file() for f in m.get("files", []))
+    return m.get("inputs_hash") == digest
 
 
 def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] = DEFAULT_ARCHS,
@@ -108,14 +114,27 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CompileError(Diagnostic("the output path exists and is not a directory", str(out_dir)))
-    if not force and _up_to_date(out_dir, digest):
-        try:
-            plan = Plan.from_json(json.loads((out_dir / "plan.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass                            # a damaged plan.json: rebuild it
-        else:
-            return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
+    with ExitStack() as held:
+        locked = out_dir.is_dir()
+        if locked:
+            claim(out_dir)
+            held.enter_context(build_lock(out_dir))
+            if not force and _up_to_date(out_dir, digest):
+                try:
+                    plan = Plan.from_json(json.loads((out_dir / "plan.json").read_text()))
+                    validate(plan)
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    pass                            # a damaged plan.json: rebuild it
+                else:
+                    return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
+        return _build(source, file, out_dir, archs, nvcc, digest, on_stage, batch, held, locked)
 
+
+def _build(source: str, file: str, out_dir: Path, archs: Sequence[str], nvcc: str | None, digest: str,
+           on_stage: Callable[[str], None] | None, batch: int | None, held: ExitStack,
+           locked: bool) -> BuildResult:
+    """Run every stage and move the result into `out_dir`; unless `locked` already, the
+    directory is created and locked (in `held`) only once the source passed the front end."""
     stages: dict[str, float] = {}
 
     def stage(name: str, fn, *args):
@@ -133,10 +152,17 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     plan = stage("plan", make_plan, network)
     sources = stage("generate", _generate, plan, network)
 
+    if not locked:
+        if not out_dir.exists():
+            held.callback(_remove_if_unbuilt, out_dir)      # runs once the lock is released
+        out_dir.mkdir(parents=True, exist_ok=True)
+        claim(out_dir)
+        held.enter_context(build_lock(out_dir))
+    clean_scratch(out_dir)
+
     # Everything is built in a scratch folder beside out_dir and only moved in once
     # it all succeeded, manifest last: a failed or interrupted build leaves out_dir as it was.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
+    scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=scratch_prefix(out_dir)))
     keep_scratch = False
     try:
         produced: list[str] = []
@@ -161,9 +187,9 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
                                         for a, r in per_arch.items()}
         write_atomic(scratch / "plan.json", json.dumps(plan.to_json(), indent=1))
         produced.append("plan.json")
-        manifest = _manifest(network, plan, file, digest, archs, nvcc, resources, produced)
+        hashes = {name: sha256_file(scratch / name) for name in produced}
+        manifest = _manifest(network, plan, file, digest, archs, nvcc, resources, hashes)
         write_atomic(scratch / "manifest.json", json.dumps(manifest, indent=1))
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "manifest.json").unlink(missing_ok=True)   # the old build stops looking complete
         for name in produced:
             os.replace(scratch / name, out_dir / name)
@@ -176,7 +202,14 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
     return BuildResult(out_dir, network, plan, written, False, nvcc, stages)
 
 
-_ARTEFACT_RE = re.compile(r"gpu\d+\.(cu|cl|sm_\w+\.cubin)")
+def _remove_if_unbuilt(out_dir: Path) -> None:
+    """A compile that created `out_dir` and then failed (nvcc, a full disk) leaves no directory."""
+    if not (out_dir / "manifest.json").exists():
+        (out_dir / MARKER).unlink(missing_ok=True)
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass                            # not empty: someone else's files arrived meanwhile
 
 
 def _remove_stale(out_dir: Path, written: list[str]) -> None:
@@ -188,7 +221,7 @@ def _remove_stale(out_dir: Path, written: list[str]) -> None:
     """
     keep = set(written)
     for f in out_dir.iterdir():
-        if f.name not in keep and _ARTEFACT_RE.fullmatch(f.name) and f.is_file():
+        if f.name not in keep and ARTEFACT_RE.fullmatch(f.name) and f.is_file():
             f.unlink(missing_ok=True)
 
 
@@ -196,11 +229,11 @@ def _generate(plan: Plan, network: Network) -> dict[str, str]:
     """Render each device's kernels in every dialect and record launch geometry in the plan."""
     sources = {}
     for dev in plan.devices:
-        names = []
+        names: dict[str, None] = {}            # first launch order, without repeats
         for program in plan.programs.values():
             for op in program.get(dev, []):
-                if op.kind == "launch" and op.kernel not in names:
-                    names.append(op.kernel)
+                if op.kind == "launch":
+                    names.setdefault(op.kernel)
         kernels = [plan.kernels[n] for n in names]
         for dialect in DIALECTS.values():
             title = f"{network.name}: kernels of logical device {dev} ({dialect.name})"
@@ -211,9 +244,10 @@ def _generate(plan: Plan, network: Network) -> dict[str, str]:
     return sources
 
 
-def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc, resources, files) -> dict:
+def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc, resources,
+              hashes: dict[str, str]) -> dict:
     return {
-        "format": 1,
+        "format": MANIFEST_FORMAT,
         "cnnc_version": __version__,
         "network": network.name,
         "source": file,
@@ -233,7 +267,8 @@ def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc,
         "kernels": {name: {"op": k.op, "layer": k.layer, "line": k.line, "launch": k.launch,
                            "resources": resources.get(name, {})}
                     for name, k in plan.kernels.items()},
-        "files": files,
+        "files": list(hashes),
+        "sha256": hashes,
     }
 
 
@@ -260,7 +295,28 @@ def load_plan(build_dir: str | Path) -> Plan:
         raise CompileError(Diagnostic(f"plan.json has format {data.get('format')}, this cnnc reads format "
                                       f"{PLAN_FORMAT}; recompile", str(f)))
     try:
-        return Plan.from_json(data)
+        plan = Plan.from_json(data)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CompileError(Diagnostic(f"plan.json is damaged ({e.__class__.__name__}); recompile", str(f))) \
             from None
+    try:
+        validate(plan)
+    except PlanError as e:
+        raise CompileError(Diagnostic(f"plan.json is inconsistent: {e}; recompile", str(f))) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:      # a value of a type no field takes
+        raise CompileError(Diagnostic(f"plan.json is damaged ({e.__class__.__name__}); recompile", str(f))) \
+            from None
+    return plan
+
+
+def open_build(build_dir: str | Path) -> tuple[Plan, dict]:
+    """The plan and manifest of a build directory whose files all match the manifest's hashes
+    (raises BuildError otherwise); what run, bench and plan use."""
+    build_dir = Path(build_dir)
+    if not (build_dir / "manifest.json").is_file():
+        load_plan(build_dir)                    # a missing directory or plan says so first
+        raise BuildError(f"{build_dir / 'manifest.json'} is missing; recompile with: cnnc compile NET.cnn -o "
+                         f"{build_dir}")
+    manifest = read_manifest(build_dir)
+    verify_files(build_dir, manifest)
+    return load_plan(build_dir), manifest

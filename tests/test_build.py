@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from cnnc.build import compile_file, load_plan
+from cnnc.build_dir import MARKER
 from cnnc.codegen.nvcc import find_nvcc
 from cnnc.diagnostics import CompileError
 from cnnc.plan.schedule import Plan
+
+from helpers import replace_once
 
 HAVE_NVCC = find_nvcc() is not None
 needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found")
@@ -44,7 +47,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 
 
 def hidden(folder: Path) -> list[str]:
-    return [f.name for f in folder.iterdir() if f.name.startswith(".")]
+    """Leftovers (temporary files, scratch folders); the build directory's marker belongs there."""
+    return [f.name for f in folder.iterdir() if f.name.startswith(".") and f.name != MARKER]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_build_without_nvcc(tiny_cnn: Path, tmp_path: Path) -> None:
     assert not result.up_to_date
     assert result.nvcc is None
     assert {p.name for p in result.files} == SOURCES
-    assert {p.name for p in out.iterdir()} == SOURCES
+    assert {p.name for p in out.iterdir()} == SOURCES | {MARKER}
     assert stages == ["parse", "check", "plan", "generate"]
     assert set(result.stages) == set(stages)
     assert [l.name for l in result.network.layers] == ["conv1", "pool1", "fc2", "probs", "cost"]
@@ -109,7 +113,7 @@ def test_generated_sources_name_every_kernel(tiny_build_dir: Path) -> None:
 def test_build_with_nvcc(nvcc_build) -> None:
     src, out, result = nvcc_build
     assert result.nvcc == find_nvcc()
-    assert {p.name for p in out.iterdir()} == SOURCES | CUBINS
+    assert {p.name for p in out.iterdir()} == SOURCES | CUBINS | {MARKER}
     assert {p.name for p in result.files} == SOURCES | CUBINS
     assert all((out / c).stat().st_size > 0 for c in CUBINS)
     assert any(s.startswith("nvcc") for s in result.stages)
@@ -162,7 +166,7 @@ def test_force_rebuilds(tiny_cnn: Path, tmp_path: Path) -> None:
 def test_changed_source_rebuilds(tiny_cnn: Path, tmp_path: Path) -> None:
     out = tmp_path / "build"
     first = compile_file(tiny_cnn, out, use_nvcc=False)
-    tiny_cnn.write_text(tiny_cnn.read_text().replace("filters=4", "filters=6"))
+    tiny_cnn.write_text(replace_once(tiny_cnn.read_text(), "filters=4", "filters=6"))
     second = compile_file(tiny_cnn, out, use_nvcc=False)
     assert not second.up_to_date
     assert second.network.layers[0].shape != first.network.layers[0].shape
@@ -198,7 +202,7 @@ def test_changed_arch_list_rebuilds_and_drops_old_cubins(nvcc_build, tmp_path: P
     result = compile_file(src, out, archs=("sm_90",))
     assert not result.up_to_date
     # an sm_80 cubin left from the earlier build would be loaded by the cuda backend
-    assert {p.name for p in out.iterdir()} == SOURCES | {"gpu0.sm_90.cubin"}
+    assert {p.name for p in out.iterdir()} == SOURCES | {"gpu0.sm_90.cubin", MARKER}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["archs"] == ["sm_90"]
     assert all(set(k["resources"]) == {"sm_90"} for k in manifest["kernels"].values())
@@ -207,7 +211,7 @@ def test_changed_arch_list_rebuilds_and_drops_old_cubins(nvcc_build, tmp_path: P
     # switching nvcc off rebuilds and leaves no cubin behind either
     result = compile_file(src, out, archs=("sm_90",), use_nvcc=False)
     assert not result.up_to_date
-    assert {p.name for p in out.iterdir()} == SOURCES
+    assert {p.name for p in out.iterdir()} == SOURCES | {MARKER}
     assert hidden(out) == []
 
 
@@ -222,7 +226,7 @@ def test_compile_error_leaves_build_untouched(kind: str, tiny_cnn: Path, tmp_pat
     old, new = BROKEN[kind]
     text = tiny_cnn.read_text()
     assert old in text
-    tiny_cnn.write_text(text.replace(old, new))
+    tiny_cnn.write_text(replace_once(text, old, new))
     with pytest.raises(CompileError) as info:
         compile_file(tiny_cnn, out, use_nvcc=False, force=True)
     d = info.value.diagnostics[0]
@@ -234,7 +238,7 @@ def test_compile_error_leaves_build_untouched(kind: str, tiny_cnn: Path, tmp_pat
 
 def test_compile_error_creates_no_output_dir(tiny_cnn: Path, tmp_path: Path) -> None:
     old, new = BROKEN["syntax"]
-    tiny_cnn.write_text(tiny_cnn.read_text().replace(old, new))
+    tiny_cnn.write_text(replace_once(tiny_cnn.read_text(), old, new))
     out = tmp_path / "never"
     with pytest.raises(CompileError):
         compile_file(tiny_cnn, out, use_nvcc=False)

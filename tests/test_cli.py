@@ -18,6 +18,8 @@ import cnnc
 from cnnc.build import load_plan
 from cnnc.cli import main
 
+from helpers import replace_once
+
 METRIC_KEYS = {"epoch", "step", "train_loss", "test_error", "test_loss", "images_per_s", "backend"}
 WEIGHTS = {"conv1.weights": (4, 1, 3, 3), "conv1.biases": (4,), "fc2.weights": (64, 10), "fc2.biases": (10,)}
 DIGITS_TRAIN = 1438                  # 80 % of scikit-learn's 1797 digits
@@ -118,7 +120,7 @@ def test_plan_json(tiny_build_dir: Path) -> None:
     assert s["parameters"] == sum(math.prod(shape) for shape in WEIGHTS.values())
     [dev] = s["devices"]
     assert dev["logical"] == 0
-    assert {row["phase"] for row in dev["program"]} == {"forward", "backward", "update"}
+    assert {row["phase"] for row in dev["program"]} == {"forward", "backward", "update", "check"}
     assert [l["name"] for l in s["layers"]] == ["conv1", "pool1", "fc2", "probs", "cost"]
     assert all(l["devices"] == [0] and l["passes"] == 1 for l in s["layers"])
     assert s["transfers"] == [] and set(map(str, s["peak_memory_bytes"])) == {"0"}
@@ -176,7 +178,7 @@ def test_compile_missing_file(tmp_path: Path) -> None:
 def test_compile_syntax_error(tiny_cnn: Path, tmp_path: Path) -> None:
     text = tiny_cnn.read_text()
     bad = "conv1 = conv(data, filters=4 size=3, padding=1) relu"
-    tiny_cnn.write_text(text.replace("conv1 = conv(data, filters=4, size=3, padding=1) relu", bad))
+    tiny_cnn.write_text(replace_once(text, "conv1 = conv(data, filters=4, size=3, padding=1) relu", bad))
     line = text[:text.index("conv1 =")].count("\n") + 1
     col = bad.index("size") + 1
     err = assert_user_error(cli("compile", tiny_cnn, "-o", tmp_path / "out"))
@@ -186,7 +188,7 @@ def test_compile_syntax_error(tiny_cnn: Path, tmp_path: Path) -> None:
 
 def test_compile_check_error(tiny_cnn: Path, tmp_path: Path) -> None:
     text = tiny_cnn.read_text()
-    tiny_cnn.write_text(text.replace("fc(pool1,", "fc(pool9,"))
+    tiny_cnn.write_text(replace_once(text, "fc(pool1,", "fc(pool9,"))
     line = text[:text.index("fc2 =")].count("\n") + 1
     err = assert_user_error(cli("compile", tiny_cnn, "-o", tmp_path / "out"))
     assert re.match(rf"{re.escape(str(tiny_cnn))}:{line}:\d+: error: .*pool9", first_line(err))
@@ -276,7 +278,7 @@ def test_process_compile(tiny_cnn: Path, tmp_path: Path) -> None:
 
 
 def test_process_user_errors(tiny_cnn: Path, tmp_path: Path) -> None:
-    tiny_cnn.write_text(tiny_cnn.read_text().replace("filters=4,", "filters=4"))
+    tiny_cnn.write_text(replace_once(tiny_cnn.read_text(), "filters=4,", "filters=4"))
     proc = sh("compile", tiny_cnn.name, "-o", "build", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -1,0 +1,301 @@
+"""Checks that a plan is consistent before any backend touches it.
+
+A plan read back from plan.json is trusted by the executor and the
+backends: a buffer smaller than a kernel's launch reads or writes past its
+allocation (a native crash or, worse, a silently wrong run), an unknown
+buffer or kernel fails deep inside a step.  `validate` finds such faults up
+front and names the first one; it only reads the plan.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from numbers import Real
+from typing import Any, Callable
+
+from cnnc.ir import Schedule
+from cnnc.ops import OPS, Role
+from cnnc.plan.memory import lifetimes
+from cnnc.plan.schedule import Plan
+
+DIALECT_NAMES = ("cuda", "opencl")
+OP_KINDS = ("launch", "copy", "upload", "record", "wait")
+STREAMS = ("compute", "copy-in")
+COUNTERS = ("seed", "step")          # the executor's named integer scalars
+
+
+class PlanError(ValueError):
+    """A plan that is inconsistent with itself; the message says where."""
+
+
+def _conv_sizes(p: dict) -> dict[str, int]:
+    groups = p.get("groups", 1)
+    n, c, h, w, k, r, s, pp, q = (p[x] for x in ("N", "C", "H", "W", "K", "R", "S", "P", "Q"))
+    bias = k if p.get("shared_biases", True) else k * pp * q
+    return dict(x=n * c * h * w, dx=n * c * h * w, w=k * (c // groups) * r * s, b=bias,
+                y=n * k * pp * q, dy=n * k * pp * q,
+                dw=k * (c // groups) * r * s * max(p.get("split", 1), 1))     # split-K: one slice each
+
+
+def _local_sizes(p: dict) -> dict[str, int]:
+    n, c, h, w, k, r, s, pp, q = (p[x] for x in ("N", "C", "H", "W", "K", "R", "S", "P", "Q"))
+    return dict(x=n * c * h * w, dx=n * c * h * w, w=pp * q * k * c * r * s, dw=pp * q * k * c * r * s,
+                b=k * pp * q, y=n * k * pp * q, dy=n * k * pp * q)
+
+
+def _image(p: dict) -> int:
+    return p["N"] * p["C"] * p["H"] * p["W"]
+
+
+def _fc(p: dict) -> dict[str, int]:
+    return dict(x=p["N"] * p["I"], dx=p["N"] * p["I"], w=p["I"] * p["O"], dw=p["I"] * p["O"], b=p["O"],
+                y=p["N"] * p["O"], dy=p["N"] * p["O"])
+
+
+def _flat(p: dict) -> dict[str, int]:
+    return {a: p["n"] for a in ("x", "y", "g", "dy", "dx", "arg", "mask", "w", "dw", "inc")}
+
+
+def _norm(p: dict) -> dict[str, int]:
+    return {a: _image(p) for a in ("x", "y", "dy", "dx", "denoms", "md")}
+
+
+def _classes(p: dict) -> dict[str, int]:
+    nc = p["N"] * p["C"]
+    return dict(labels=p["N"], loss=p["N"], correct=p["N"], probs=nc, dprobs=nc, targets=nc, x=nc, y=nc,
+                dy=nc, dx=nc)
+
+
+def _max_norm(p: dict) -> dict[str, int]:
+    if p["units"] < 1 or p["length"] < 1:
+        return {"w": 0}
+    return {"w": (p["units"] - 1) * p["unit_stride"] + (p["length"] - 1) * p["elem_stride"] + 1}
+
+
+# Elements each buffer argument of an op reaches, from the op's params, as the layouts in
+# cnnc/ops.py lay them out.  The planner sizes every buffer to exactly that, except the
+# arguments in WINDOWS, which reach a part of a larger buffer.
+ARGUMENT_SIZES: dict[str, Callable[[dict], dict[str, int]]] = {
+    **dict.fromkeys(("conv_fwd", "conv_bwd_data", "conv_bwd_filter"), _conv_sizes),
+    **dict.fromkeys(("local_fwd", "local_bwd_data", "local_bwd_filter"), _local_sizes),
+    **dict.fromkeys(("fc_fwd", "fc_bwd_data", "fc_bwd_filter"), _fc),
+    "bias_grad": lambda p: dict(dy=p["N"] * p["K"] * p["inner"], db=p["K"]),
+    "bias_grad_unshared": lambda p: dict(dy=p["N"] * p["K"] * p["inner"], db=p["K"] * p["inner"]),
+    **dict.fromkeys(("neuron_bwd", "neuron_fwd", "neuron_bwd_input", "eltsum_fwd", "eltsum_bwd", "eltmax_fwd",
+                     "eltmax_bwd", "dropout_bwd", "sgd_update"), _flat),
+    **dict.fromkeys(("pool_fwd", "pool_bwd"), lambda p: dict(
+        x=_image(p), dx=_image(p), y=p["N"] * p["C"] * p["P"] * p["Q"], dy=p["N"] * p["C"] * p["P"] * p["Q"])),
+    **dict.fromkeys(("softmax_fwd", "softmax_bwd", "logreg_fwd", "logreg_bwd", "softmax_logreg_bwd", "onehot",
+                     "crossent_fwd", "crossent_bwd", "softmax_crossent_bwd"), _classes),
+    "concat_fwd": lambda p: dict(x=p["N"] * p["D"], y=p["N"] * p["D_out"]),
+    "concat_bwd": lambda p: dict(dx=p["N"] * p["D"], dy=p["N"] * p["D_out"]),
+    **dict.fromkeys(("sum2_fwd", "sum2_bwd"), lambda p: dict(x=p["N"] * p["D"], dx=p["N"] * p["D"], loss=p["N"])),
+    **dict.fromkeys(("cmrnorm_fwd", "cmrnorm_bwd", "rnorm_fwd", "rnorm_bwd", "cnorm_meandiff", "cnorm_fwd",
+                     "cnorm_bwd_prep", "cnorm_bwd"), _norm),
+    "dropout_fwd": lambda p: {a: p["N"] * p["D"] for a in ("x", "y", "mask")},
+    "replica_sum": lambda p: dict(stage=p["R"] * p["n"], g=p["offset"] + p["n"]),
+    "max_norm": _max_norm,
+    "nonfinite": lambda p: dict(x=p["n"], flag=1),
+}
+WINDOWS = {("replica_sum", "g"), ("nonfinite", "flag")}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(plan: Plan) -> None:
+    """Raise PlanError naming the first inconsistency of `plan`: wrong types, unknown buffers,
+    kernels or ops, buffers too small for a launch, copy and upload ranges outside their
+    buffers or the minibatch, empty launch grids, waits for events never recorded."""
+    _check(_is_int(plan.batch) and plan.batch >= 1, f"batch {plan.batch!r} is not a positive integer")
+    _check(isinstance(plan.image_shape, tuple) and len(plan.image_shape) == 3
+           and all(_is_int(d) and d >= 1 for d in plan.image_shape), f"image_shape {plan.image_shape!r} is not CxHxW")
+    _check(isinstance(plan.inputs, dict) and all(v in ("image", "labels") for v in plan.inputs.values()),
+           "inputs must map names to 'image' or 'labels'")
+    storage: dict[str, tuple] = {}         # storage -> the device and dtype of its buffers
+    for b in plan.buffers.values():
+        where = f"buffer {b.id!r}"
+        _check(isinstance(b.id, str) and isinstance(b.storage, str) and isinstance(b.layer, str),
+               f"{where}: id, storage and layer must be strings")
+        _check(_is_int(b.size) and b.size >= 1, f"{where}: size {b.size!r} is not a positive integer")
+        _check(_is_int(b.device) and b.device >= 0, f"{where}: device {b.device!r} is not a device number")
+        _check(b.dtype in ("f32", "i32"), f"{where}: unknown dtype {b.dtype!r}")
+        _check(storage.setdefault(b.storage, (b.device, b.dtype)) == (b.device, b.dtype),
+               f"{where}: shares storage {b.storage!r} with a buffer of another device or dtype")
+    for k in plan.kernels.values():
+        _check_kernel(k)
+    for p in plan.parameters:
+        where = f"parameter {p.layer}.{p.name}"
+        _check(all(_is_int(d) and d >= 1 for d in p.shape), f"{where}: shape {p.shape!r} is not positive")
+        _check(isinstance(p.init, dict) and len(p.init) == 1 and set(p.init) <= {"normal", "const"}
+               and _is_number(next(iter(p.init.values()))), f"{where}: init {p.init!r} is not a number")
+        for ids in (p.buffers, p.grads, p.incs):
+            for bid in ids:
+                _check(_buffer(plan, bid, where, math.prod(p.shape)).size == math.prod(p.shape),
+                       f"{where}: buffer {bid!r} does not hold its {math.prod(p.shape)} values")
+    _check(isinstance(plan.programs, dict) and set(plan.programs) == {"train", "test"},
+           "programs must be 'train' and 'test'")
+    for name, program in plan.programs.items():
+        _check_program(plan, name, program)
+    _check_sharing(plan)
+    _check(isinstance(plan.costs, list) and len(plan.costs) >= 1, "the plan has no cost layer")
+    for cost in plan.costs:
+        _check(isinstance(cost, dict) and isinstance(cost.get("outputs"), list),
+               f"cost {cost!r} has no outputs")
+        for out in cost["outputs"]:
+            _check(isinstance(out, dict), f"cost output {out!r} is not an object")
+            cases = _cases(plan, out.get("cases"), f"cost {cost.get('layer')!r}")
+            for key in ("loss", "correct"):
+                _buffer(plan, out.get(key), f"cost {cost.get('layer')!r}", cases)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(message)
+
+
+def _buffer(plan: Plan, bid: Any, where: str, at_least: int = 1, device: int | None = None):
+    _check(isinstance(bid, str) and bid in plan.buffers, f"{where}: unknown buffer {bid!r}")
+    b = plan.buffers[bid]
+    _check(b.size >= at_least, f"{where}: buffer {bid!r} holds {b.size} elements but {at_least} are needed")
+    _check(device is None or b.device == device,
+           f"{where}: buffer {bid!r} is on device {b.device}, not on device {device}")
+    return b
+
+
+def _check_kernel(k) -> None:
+    where = f"kernel {k.name!r}"
+    _check(isinstance(k.op, str) and k.op in OPS, f"{where}: unknown op {k.op!r}")
+    _check(isinstance(k.params, dict), f"{where}: params must be an object")
+    _check(isinstance(k.launch, dict), f"{where}: launch must be an object")
+    for dialect, geo in k.launch.items():
+        _check(dialect in DIALECT_NAMES and isinstance(geo, dict), f"{where}: unknown launch dialect {dialect!r}")
+        for key in ("grid", "block"):
+            dims = geo.get(key)
+            _check(isinstance(dims, list) and len(dims) == 3 and all(_is_int(d) and 1 <= d < 2**31 for d in dims),
+                   f"{where}: {dialect} {key} {dims!r} is not three positive 32-bit integers")
+        _check(dialect != "cuda" or math.prod(geo["block"]) <= 1024,
+               f"{where}: cuda block {geo['block']} has more than 1024 threads")
+
+
+def _sizes(k) -> dict[str, int]:
+    """Elements each buffer argument of kernel `k` needs (at least one for an op without a
+    size rule); raises PlanError on params of the wrong type."""
+    try:
+        sizes = ARGUMENT_SIZES[k.op](k.params) if k.op in ARGUMENT_SIZES else {}
+    except (KeyError, TypeError):
+        raise PlanError(f"kernel {k.name!r}: params {k.params!r} do not describe a {k.op} launch") from None
+    _check(all(_is_int(v) and v >= 0 for v in sizes.values()),
+           f"kernel {k.name!r}: params give negative or fractional sizes")
+    return sizes
+
+
+def _cases(plan: Plan, cases: Any, where: str) -> int:
+    """Check (first case, count) ranges lie within the minibatch; return the cases they cover."""
+    _check(isinstance(cases, (list, tuple)) and len(cases) >= 1, f"{where}: no cases")
+    total = 0
+    for c in cases:
+        _check(isinstance(c, (list, tuple)) and len(c) == 2 and all(_is_int(v) for v in c)
+               and c[0] >= 0 and c[1] >= 1 and c[0] + c[1] <= plan.batch,
+               f"{where}: cases {list(c) if isinstance(c, (list, tuple)) else c!r} are not within the "
+               f"minibatch of {plan.batch}")
+        total += c[1]
+    return total
+
+
+def _check_program(plan: Plan, name: str, program: Any) -> None:
+    _check(isinstance(program, dict), f"program {name!r} must map devices to ops")
+    recorded = {op.event for ops in program.values() for op in ops if op.kind == "record" and isinstance(op.event, str)}
+    for dev, ops in program.items():
+        _check(_is_int(dev) and dev >= 0, f"program {name!r}: device {dev!r} is not a device number")
+        for i, op in enumerate(ops):
+            where = f"{name} program, device {dev}, op {i} ({op.kind})"
+            _check(op.kind in OP_KINDS, f"{where}: unknown op kind")
+            _check(op.stream in STREAMS, f"{where}: unknown stream {op.stream!r}")
+            if op.kind == "launch":
+                _check_launch(plan, op, dev, where)
+            elif op.kind == "copy":
+                _check(all(_is_int(v) for v in (op.src_offset, op.dst_offset, op.count))
+                       and op.src_offset >= 0 and op.dst_offset >= 0 and op.count >= 1,
+                       f"{where}: offsets and count must be non-negative integers, count at least 1")
+                _buffer(plan, op.src, where, op.src_offset + op.count)
+                _buffer(plan, op.dst, where, op.dst_offset + op.count, dev)
+            elif op.kind == "upload":
+                kind = plan.inputs.get(op.input) if isinstance(op.input, str) else None
+                _check(kind is not None, f"{where}: unknown input {op.input!r}")
+                needed = _cases(plan, op.cases, where) * (1 if kind == "labels" else math.prod(plan.image_shape))
+                b = _buffer(plan, op.dst, where, needed, dev)
+                _check(b.size == needed, f"{where}: buffer {op.dst!r} holds {b.size} elements, not the "
+                                         f"{needed} of its cases")
+                _check(b.dtype == ("i32" if kind == "labels" else "f32"),
+                       f"{where}: buffer {op.dst!r} has dtype {b.dtype} for {kind}")
+            else:
+                _check(isinstance(op.event, str) and op.event != "", f"{where}: no event")
+                _check(op.kind == "record" or op.event in recorded,
+                       f"{where}: waits for event {op.event!r} that nothing records")
+
+
+def _check_launch(plan: Plan, op, dev: int, where: str) -> None:
+    _check(isinstance(op.kernel, str) and op.kernel in plan.kernels, f"{where}: unknown kernel {op.kernel!r}")
+    k = plan.kernels[op.kernel]
+    where = f"{where} of {op.kernel}"
+    for dialect in DIALECT_NAMES:
+        _check(dialect in k.launch, f"{where}: the kernel has no {dialect} launch geometry")
+    spec = OPS[k.op]
+    buffer_args = [a for a, role in spec.args if role not in (Role.SCALAR, Role.INT_SCALAR)]
+    _check(isinstance(op.args, tuple) and len(op.args) == len(buffer_args),
+           f"{where}: {len(op.args)} buffer arguments, {k.op} takes {len(buffer_args)}")
+    sizes = _sizes(k)
+    for arg, bid in zip(buffer_args, op.args):
+        b = _buffer(plan, bid, f"{where}, argument {arg}", sizes.get(arg, 1), dev)
+        _check(arg not in sizes or (k.op, arg) in WINDOWS or b.size == sizes[arg],
+               f"{where}, argument {arg}: buffer {bid!r} holds {b.size} elements but the kernel's params "
+               f"describe {sizes[arg] if arg in sizes else ''}")
+    _check(isinstance(op.scalars, dict), f"{where}: scalars must be an object")
+    for arg, role in spec.args:
+        if role is Role.SCALAR:
+            v = op.scalars.get(arg)
+            _check(_is_number(v) or isinstance(v, dict) and _is_schedule(v),
+                   f"{where}: scalar {arg} {v!r} is not a finite number")
+        elif role is Role.INT_SCALAR:
+            v = op.scalars.get(arg)
+            _check(_is_int(v) and -2**31 <= v < 2**32 or v in COUNTERS,
+                   f"{where}: integer scalar {arg} {v!r} is not a 32-bit integer or one of {', '.join(COUNTERS)}")
+
+
+def _is_schedule(d: dict) -> bool:
+    """A learning-rate schedule that evaluates to finite numbers over the whole run."""
+    try:
+        s = Schedule.from_json(d)
+        return all(_is_number(s.at(t)) for t in (0.0, 0.5, 1.0))
+    except (ValueError, KeyError, TypeError, ArithmeticError):
+        return False
+
+
+def _check_sharing(plan: Plan) -> None:
+    """Buffers that share one allocation must never be live at once, as the memory planner
+    arranges: a stream or device alongside could otherwise overwrite what a kernel still reads."""
+    members: dict[str, list[str]] = defaultdict(list)
+    for b in plan.buffers.values():
+        members[b.storage].append(b.id)
+    shared = {s: ids for s, ids in members.items() if len(ids) > 1}
+    if not shared:
+        return
+    for program in plan.programs:
+        spans, foreign = lifetimes(plan, program)
+        for storage, ids in shared.items():
+            alone = [b for b in ids if b in foreign]
+            _check(not alone, f"buffer {alone[0] if alone else ''!r} shares storage {storage!r} but another "
+                              f"device or stream uses it")
+            live = sorted((spans[b][0], spans[b][1], b) for b in ids if b in spans)
+            end, last = -1, ""
+            for first, stop, b in live:
+                _check(first > end, f"buffers {last!r} and {b!r} share storage {storage!r} while both are live "
+                                    f"in the {program} program")
+                if stop > end:
+                    end, last = stop, b
