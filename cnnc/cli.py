@@ -2,23 +2,45 @@
 
 User mistakes (a bad .cnn file, a missing build directory, unusable data)
 print a one-line diagnostic (plus source context) and exit with status 2;
-they never show a Python traceback.
+they never show a Python traceback.  Exit statuses:
+
+    0    done
+    1    an internal error: a bug in cnnc (the only case with a traceback)
+    2    bad input, or a build refused (damaged, foreign, locked), or no usable device
+    3    training diverged (a loss or a parameter became NaN or infinite)
+    130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from cnnc import __version__
 from cnnc.backends.base import BackendError
+from cnnc.build_dir import BuildError, build_lock
 from cnnc.diagnostics import CompileError
 from cnnc.train.data import DataError
+from cnnc.train.health import TrainingDiverged
 from cnnc.train.weights import WeightsError
 
 USER_ERROR = 2
+DIVERGED = 3
+INTERRUPTED = 130                 # 128 + SIGINT, as shells report it
+TERMINATED = 143                  # 128 + SIGTERM
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised where the process is, so that locks are released and scratch files removed
+    on the way out, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _fail(message: str) -> None:
@@ -27,7 +49,8 @@ def _fail(message: str) -> None:
 
 
 def _guard(fn):
-    """Turn the project's own error types into a clean message and exit status 2."""
+    """Turn the project's own error types into a clean message and exit status 2
+    (3 when training diverged)."""
     import functools
 
     @functools.wraps(fn)
@@ -36,20 +59,41 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except CompileError as e:
             _fail(e.format())
-        except (DataError, BackendError, WeightsError) as e:
+        except TrainingDiverged as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(DIVERGED)
+        except (DataError, BackendError, WeightsError, BuildError) as e:
             _fail(f"error: {e}")
         except OSError as e:            # e.g. -o below a regular file, a full disk
             where = f"{e.filename}: " if e.filename else ""
             _fail(f"{where}error: {e.strerror or e}")
         except KeyboardInterrupt:
-            _fail("interrupted")
+            click.echo("interrupted", err=True)
+            sys.exit(INTERRUPTED)
+        except _Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(TERMINATED)
+    return wrapper
+
+
+def _holding_build(fn):
+    """Hold the command's BUILD_DIR for as long as it runs: a compile or another run of the
+    same build fails at once instead of changing files under it."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with build_lock(kwargs["build_dir"]):
+            return fn(*args, **kwargs)
     return wrapper
 
 
 def _archs(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Split comma-separated --arch values; one that names nothing (--arch '') is passed on
+    as it is, so that it is rejected rather than leaving no architecture to build."""
     out = []
     for v in value:
-        out.extend(a.strip() for a in v.split(",") if a.strip())
+        out.extend([a.strip() for a in v.split(",") if a.strip()] or [v.strip()])
     return tuple(out)
 
 
@@ -57,6 +101,8 @@ def _archs(value: tuple[str, ...]) -> tuple[str, ...]:
 @click.version_option(__version__, prog_name="cnnc")
 def main() -> None:
     """cnnc: compile convolutional networks to CUDA/OpenCL programs and train them."""
+    if threading.current_thread() is threading.main_thread():      # only there can Python take signals
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _input_shapes(ctx, param, values: tuple[str, ...]) -> dict:
@@ -206,13 +252,10 @@ def check(source: Path) -> None:
 @_guard
 def plan(build_dir: Path, as_json: bool) -> None:
     """Show the schedule of a build directory: per device, its kernels in order."""
-    from cnnc.build import load_plan
+    from cnnc.build import open_build
     from cnnc.plan.summary import summarize, format_summary
 
-    p = load_plan(build_dir)
-    manifest = {}
-    if (build_dir / "manifest.json").is_file():
-        manifest = json.loads((build_dir / "manifest.json").read_text())
+    p, manifest = open_build(build_dir)
     s = summarize(p, manifest)
     click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
 
@@ -258,19 +301,20 @@ def _default_gpus(plan, gpus: list[int] | None) -> list[int]:
               help="Start from these parameters (.npz as written by cnnc run / cnnc export).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_guard
+@_holding_build
 def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data: str,
         save_dir: Path | None, test_freq: int, init: Path | None, quiet: bool) -> None:
     """Train the network compiled into BUILD_DIR."""
     from tqdm import tqdm
 
     from cnnc.backends import default_backend, make_backend
-    from cnnc.build import load_plan
+    from cnnc.build import open_build
     from cnnc.train.data import load_dataset
     from cnnc.train.loop import check_data, train
 
     from cnnc.train.weights import weights_for
 
-    p = load_plan(build_dir)
+    p, _ = open_build(build_dir)
     start = weights_for(p, init) if init else None
     ds = load_dataset(data)
     check_data(p, ds)                   # before a backend is set up or training is announced
@@ -304,6 +348,7 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
               help="Also build and time the same network in PyTorch, side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_guard
+@_holding_build
 def bench(build_dir: Path, backend: str, gpus: list[int], batch: int | None, steps: int, against: str | None,
           as_json: bool) -> None:
     """Time training steps of BUILD_DIR: per layer forward/backward ms and GFLOP/s, images/s."""
@@ -311,10 +356,10 @@ def bench(build_dir: Path, backend: str, gpus: list[int], batch: int | None, ste
 
     from cnnc.backends import default_backend
     from cnnc.bench import bench as run_bench, format_bench
-    from cnnc.build import load_plan
+    from cnnc.build import open_build
 
     name = default_backend() if backend == "auto" else backend
-    result = run_bench(build_dir, name, _default_gpus(load_plan(build_dir), gpus), batch, steps, against=against)
+    result = run_bench(build_dir, name, _default_gpus(open_build(build_dir)[0], gpus), batch, steps, against=against)
     click.echo(json.dumps(dataclasses.asdict(result), indent=1) if as_json else format_bench(result))
 
 
