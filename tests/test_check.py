@@ -16,6 +16,8 @@ from cnnc.diagnostics import CompileError
 from cnnc.frontend.parser import parse, parse_file
 from cnnc.ir import Input, LayerTrain, Network, Schedule, Shape
 
+from helpers import replace_once
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # Three header lines, so a network's own layers start on line 4.
@@ -39,7 +41,7 @@ def error_text(source: str) -> str:
 
 
 def shape_of(body: str, name: str = "c", dims: str = "3x32x32") -> Shape:
-    return net(body, header=H.replace("3x32x32", dims)).shape_of(name)
+    return net(body, header=replace_once(H, "3x32x32", dims)).shape_of(name)
 
 
 # -- shapes -------------------------------------------------------------------

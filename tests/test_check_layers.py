@@ -10,13 +10,15 @@ from cnnc.frontend.parser import parse
 from cnnc.ir import Shape
 from cnnc.plan.lowering import parameter_shapes
 
+from helpers import replace_once
+
 H = "network n\ninput data: 3x32x32\ninput labels: label(10)\n"
 HEAD = "f = fc(c, outputs=10)\nprobs = softmax(f)\ncost = logreg(labels, probs)\n"
 C = "c = conv(data, filters=4, size=3)\n"
 
 
 def net(body: str, output: str = "c"):
-    return check(parse(H + body + HEAD.replace("fc(c", f"fc({output}"), "t.cnn"))
+    return check(parse(H + body + replace_once(HEAD, "fc(c", f"fc({output}"), "t.cnn"))
 
 
 # -- shapes, arguments, parameters ---------------------------------------------
@@ -39,7 +41,7 @@ def test_grouped_conv_with_unshared_biases():
 
 
 def test_conv_and_fc_with_several_inputs():
-    n = check(parse(H.replace("3x32x32", "3x9x9") + "a = conv(data, filters=5, size=2)\n"
+    n = check(parse(replace_once(H, "3x32x32", "3x9x9") + "a = conv(data, filters=5, size=2)\n"
                     "c = conv(a, data, filters=4, size=3, stride=2)\n"
                     "f = fc(c, a, outputs=10)\nprobs = softmax(f)\ncost = logreg(labels, probs)\n", "t.cnn"))
     c, f = n.node("c"), n.node("f")
@@ -95,36 +97,36 @@ def test_several_costs():
 # -- golden errors ------------------------------------------------------------------
 
 GOLDEN = {
-    "eltsum shapes": (H + C + "b = conv(data, filters=4, size=5)\ns = eltsum(c, b)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "eltsum shapes": (H + C + "b = conv(data, filters=4, size=5)\ns = eltsum(c, b)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:6:15: error: s: 'b' is 4x28x28 but 'c' is 4x30x30: element-wise layers need inputs of one shape
     6 | s = eltsum(c, b)
       |               ^"""),
-    "coeffs count": (H + C + "s = eltsum(c, c, coeffs=[1, 2, 3])\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "coeffs count": (H + C + "s = eltsum(c, c, coeffs=[1, 2, 3])\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:18: error: s: coeffs has 3 values for 2 inputs
     5 | s = eltsum(c, c, coeffs=[1, 2, 3])
       |                  ^~~~~~~~~~~~~~~~
   hint: give one coefficient per input"""),
-    "coeffs not list": (H + C + "s = eltsum(c, c, coeffs=2)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "coeffs not list": (H + C + "s = eltsum(c, c, coeffs=2)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:25: error: coeffs must be a list of numbers, e.g. [1, -1]
     5 | s = eltsum(c, c, coeffs=2)
       |                         ^"""),
-    "coeffs item": (H + C + "s = eltsum(c, c, coeffs=[1, x])\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "coeffs item": (H + C + "s = eltsum(c, c, coeffs=[1, x])\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:29: error: coeffs must be a list of numbers, e.g. [1, -1]
     5 | s = eltsum(c, c, coeffs=[1, x])
       |                             ^"""),
-    "eltsum one input": (H + C + "s = eltsum(c)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "eltsum one input": (H + C + "s = eltsum(c)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:5: error: eltsum takes at least 2 inputs, got 1
     5 | s = eltsum(c)
       |     ^~~~~~"""),
-    "eltmax shapes": (H + C + "b = maxpool(c, size=2)\ns = eltmax(c, b)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "eltmax shapes": (H + C + "b = maxpool(c, size=2)\ns = eltmax(c, b)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:6:15: error: s: 'b' is 4x15x15 but 'c' is 4x30x30: element-wise layers need inputs of one shape
     6 | s = eltmax(c, b)
       |               ^"""),
-    "concat sizes": (H + C + "s = concat(c, data)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "concat sizes": (H + C + "s = concat(c, data)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:15: error: s: 'data' is 32x32 per channel but 'c' is 30x30: concat joins the channels of images of one size
     5 | s = concat(c, data)
       |               ^~~~"""),
-    "conv outputs": (H + C + "s = conv(c, data, filters=4, size=3)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "conv outputs": (H + C + "s = conv(c, data, filters=4, size=3)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:13: error: s: 'data' gives 30x30 outputs but 'c' gives 28x28: the inputs of one layer are summed, so their outputs must have one size
     5 | s = conv(c, data, filters=4, size=3)
       |             ^~~~"""),
@@ -132,7 +134,7 @@ t.cnn:5:13: error: s: 'data' gives 30x30 outputs but 'c' gives 28x28: the inputs
 t.cnn:4:35: error: c: groups=2 does not divide the 3 channels of 'data'
     4 | c = conv(data, filters=4, size=3, groups=2)
       |                                   ^~~~~~~~"""),
-    "groups filters": (H + C + "s = conv(c, filters=6, size=3, groups=4)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "groups filters": (H + C + "s = conv(c, filters=6, size=3, groups=4)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:32: error: s: filters=6 is not a multiple of groups=4
     5 | s = conv(c, filters=6, size=3, groups=4)
       |                                ^~~~~~~~
@@ -146,42 +148,42 @@ t.cnn:4:28: error: c: a 40x40 filter does not fit the 32x32 input with padding 0
     4 | c = local(data, filters=4, size=40)
       |                            ^~~~~~~
   hint: use a smaller size or more padding"""),
-    "local two inputs": (H + C + "s = local(c, c, filters=4, size=3)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "local two inputs": (H + C + "s = local(c, c, filters=4, size=3)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:5: error: local takes 1 input, got 2
     5 | s = local(c, c, filters=4, size=3)
       |     ^~~~~"""),
-    "keep above 1": (H + C + "d = dropout(c, keep=1.5)\n" + HEAD.replace("fc(c", "fc(d"), """\
+    "keep above 1": (H + C + "d = dropout(c, keep=1.5)\n" + replace_once(HEAD, "fc(c", "fc(d"), """\
 t.cnn:5:21: error: keep must be at most 1
     5 | d = dropout(c, keep=1.5)
       |                     ^~~"""),
-    "keep zero": (H + C + "d = dropout2(c, keep=0)\n" + HEAD.replace("fc(c", "fc(d"), """\
+    "keep zero": (H + C + "d = dropout2(c, keep=0)\n" + replace_once(HEAD, "fc(c", "fc(d"), """\
 t.cnn:5:22: error: keep must be greater than 0
     5 | d = dropout2(c, keep=0)
       |                      ^"""),
-    "min_div zero": (H + C + "n = cmrnorm(c, size=3, min_div=0)\n" + HEAD.replace("fc(c", "fc(n"), """\
+    "min_div zero": (H + C + "n = cmrnorm(c, size=3, min_div=0)\n" + replace_once(HEAD, "fc(c", "fc(n"), """\
 t.cnn:5:32: error: min_div must be greater than 0
     5 | n = cmrnorm(c, size=3, min_div=0)
       |                                ^"""),
-    "norm size missing": (H + C + "n = rnorm(c)\n" + HEAD.replace("fc(c", "fc(n"), """\
+    "norm size missing": (H + C + "n = rnorm(c)\n" + replace_once(HEAD, "fc(c", "fc(n"), """\
 t.cnn:5:5: error: rnorm needs the argument 'size'
     5 | n = rnorm(c)
       |     ^~~~~
   hint: size: window size: channels (cmrnorm) or rows and columns"""),
-    "blocked on rnorm": (H + C + "n = rnorm(c, size=3, blocked=true)\n" + HEAD.replace("fc(c", "fc(n"), """\
+    "blocked on rnorm": (H + C + "n = rnorm(c, size=3, blocked=true)\n" + replace_once(HEAD, "fc(c", "fc(n"), """\
 t.cnn:5:22: error: rnorm has no argument 'blocked'
     5 | n = rnorm(c, size=3, blocked=true)
       |                      ^~~~~~~~~~~~
   hint: rnorm takes: size, scale, pow, min_div"""),
-    "neuron layer without neuron": (H + C + "n = neuron(c)\n" + HEAD.replace("fc(c", "fc(n"), """\
+    "neuron layer without neuron": (H + C + "n = neuron(c)\n" + replace_once(HEAD, "fc(c", "fc(n"), """\
 t.cnn:5:5: error: a neuron layer needs a neuron after its inputs
     5 | n = neuron(c)
       |     ^~~~~~
   hint: e.g. n = neuron(c) relu"""),
-    "neuron on dropout": (H + C + "d = dropout(c) relu\n" + HEAD.replace("fc(c", "fc(d"), """\
+    "neuron on dropout": (H + C + "d = dropout(c) relu\n" + replace_once(HEAD, "fc(c", "fc(d"), """\
 t.cnn:5:16: error: dropout layers take no neuron
     5 | d = dropout(c) relu
       |                ^~~~"""),
-    "unknown neuron in neuron layer": (H + C + "n = neuron(c) sqaure\n" + HEAD.replace("fc(c", "fc(n"), """\
+    "unknown neuron in neuron layer": (H + C + "n = neuron(c) sqaure\n" + replace_once(HEAD, "fc(c", "fc(n"), """\
 t.cnn:5:15: error: unknown neuron 'sqaure'
     5 | n = neuron(c) sqaure
       |               ^~~~~~
@@ -212,12 +214,12 @@ t.cnn:8:10: error: sum2 cannot take the label input 'labels'
 t.cnn:8:5: error: sum2 takes 1 input, got 2
     8 | s = sum2(c, f)
       |     ^~~~"""),
-    "pass with args": (H + C + "s = pass(c, size=2)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "pass with args": (H + C + "s = pass(c, size=2)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:13: error: pass has no argument 'size'
     5 | s = pass(c, size=2)
       |             ^~~~~~
   hint: pass takes no arguments"""),
-    "kind typo": (H + C + "s = dropuot(c)\n" + HEAD.replace("fc(c", "fc(s"), """\
+    "kind typo": (H + C + "s = dropuot(c)\n" + replace_once(HEAD, "fc(c", "fc(s"), """\
 t.cnn:5:5: error: unknown layer kind 'dropuot'
     5 | s = dropuot(c)
       |     ^~~~~~~

@@ -13,6 +13,8 @@ from cnnc.build import compile_file, compile_network
 from cnnc.executor import Executor
 from cnnc.plan.summary import summarize
 
+from helpers import replace_once, stable_seed
+
 ROOT = Path(__file__).parent.parent
 NETS = Path(__file__).parent / "nets"
 SMALL = sorted(NETS.glob("*-small.cnn"))
@@ -25,7 +27,7 @@ def single_device(text: str) -> str:
 
 
 def train(text: str, backend: str, steps: int, tmp: Path):
-    out = tmp / f"b{abs(hash((text, backend)))}"
+    out = tmp / f"b{stable_seed(text, backend)}"
     plan = compile_network(text, "net.cnn", out, use_nvcc=False).plan
     n = max(plan.devices) + 1
     ex = Executor(plan, make_backend(backend, plan, out, [0] * n if backend == "opencl" else list(range(n))))
@@ -57,8 +59,8 @@ def test_small_example_equals_single_device_on_reference(net, steps, tmp_path):
 
 @pytest.mark.parametrize("scheme", ["all_gather", "scatter"])
 def test_small_hybrid_other_exchange_schemes(scheme, tmp_path):
-    text = (NETS / "alexnet-4gpu-hybrid-small.cnn").read_text().replace(
-        "seed = 3 }", f"seed = 3; exchange = {scheme} }}")
+    text = replace_once((NETS / "alexnet-4gpu-hybrid-small.cnn").read_text(), "seed = 3 }",
+                        f"seed = 3; exchange = {scheme} }}")
     assert_same(train(single_device(text), "reference", 2, tmp_path), train(text, "reference", 2, tmp_path))
 
 

@@ -11,6 +11,8 @@ from cnnc.backends import make_backend
 from cnnc.build import compile_network
 from cnnc.executor import Executor, initial_parameters
 
+from helpers import replace_once, rewrite
+
 NET = """
 network steps
 input data: 2x9x9
@@ -51,8 +53,8 @@ def test_opencl_training_steps_match_reference(tmp_path):
 def test_reference_gradients_are_the_loss_gradient(tmp_path):
     """With lr=1, momentum 0, no decay, one step changes W by -grad/N: compare with finite differences.
     (Smooth layers only, so the differences do not straddle a kink of relu or max.)"""
-    text = NET.format(lr=1.0).replace("momentum = 0.9; weight_decay = 0.01", "momentum = 0; weight_decay = 0")
-    text = text.replace("maxpool", "avgpool").replace(") relu", ") logistic")
+    text = replace_once(NET.format(lr=1.0), "momentum = 0.9; weight_decay = 0.01", "momentum = 0; weight_decay = 0")
+    text = rewrite(text, {"maxpool": "avgpool", ") relu": ") logistic"})
     plan = compile_network(text, "steps.cnn", tmp_path, use_nvcc=False).plan
     x, y = batch(11)
     start = {k: v.astype(np.float32) for k, v in initial_parameters(plan).items()}

@@ -14,6 +14,8 @@ from cnnc.diagnostics import CompileError, Span
 from cnnc.frontend import ast
 from cnnc.frontend.parser import parse, parse_file
 
+from helpers import rewrite
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 PROGRAM = """\
@@ -227,8 +229,8 @@ SPELLINGS = {
     "runs of separators": "\n\n;network n;;\n\n input data: 1x8x8 ;\n; train { ;batch = 32;; \n\n epochs = 2; }\n"
                           "@gpu(0)\n\n\nc = conv(data, filters=4, size=3) relu {\n\n lr = 0.1 ;\n momentum = 0.5\n\n}\n"
                           ";;f = fc(c, outputs=2)\n\n;\n",
-    "crlf": ONE_PER_LINE.replace("\n", "\r\n"),
-    "tabs": ONE_PER_LINE.replace("  ", "\t"),
+    "crlf": rewrite(ONE_PER_LINE, {"\n": "\r\n"}, once=False),
+    "tabs": rewrite(ONE_PER_LINE, {"  ": "\t"}, once=False),
 }
 
 

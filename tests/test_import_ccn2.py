@@ -13,7 +13,6 @@ and review the diff like any other code change.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from cnnc.frontend.ccn2 import fmt_number, import_files, import_text, parse_shap
 from cnnc.frontend.parser import parse
 from cnnc.ir import Schedule
 from cnnc.plan.summary import summarize
+
+from helpers import check_golden, rewrite, replace_once
 
 HERE = Path(__file__).parent / "ccn2"
 
@@ -60,9 +61,7 @@ def cli(*args) -> Result:
 def test_golden_dsl(name):
     got = import_config(name).text
     golden = HERE / f"{name}.cnn"
-    if os.environ.get("CNNC_UPDATE_GOLDEN"):
-        golden.write_text(got)
-    assert got == golden.read_text()
+    check_golden(got, golden)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -504,7 +503,7 @@ def test_train_defaults_are_the_most_common_values_and_layers_keep_the_rest():
     c1 = net.layers[0].train
     assert (c1.lr.base, c1.lr_bias.base, c1.momentum, c1.momentum_bias, c1.weight_decay) == (0.1, 0.2, 0.9, 0.5, 0.004)
     # wball: a per-layer setting where it is not 0
-    with_ball = imp(body, params.replace("[conv2]\n", "[conv2]\nwball=0.5\n"))
+    with_ball = imp(body, replace_once(params, "[conv2]\n", "[conv2]\nwball=0.5\n"))
     assert layer_line(with_ball, "conv2").endswith("{ wball = 0.5 }")
     assert check(parse(with_ball.text)).layers[1].train.wball == 0.5
 
@@ -565,7 +564,7 @@ def test_update_period_counts_passes_of_the_whole_net():
 # neurons
 
 def test_neurons_fuse_into_weight_layers_and_detach_elsewhere():
-    body = CONV.format(gpu=0).replace("gpu=0", "gpu=0\nneuron=tanh[1.7,0.66]") + \
+    body = replace_once(CONV.format(gpu=0), "gpu=0", "gpu=0\nneuron=tanh[1.7,0.66]") + \
         "\n[pool1]\ntype=pool\npool=avg\ninputs=conv1\nsizeX=2\nstride=2\nchannels=16\nneuron=relu\n" \
         "\n[n]\ntype=neuron\ninputs=pool1\nneuron=abs\n"
     imported = imp(body)
@@ -581,7 +580,7 @@ def test_neurons_fuse_into_weight_layers_and_detach_elsewhere():
 
 
 def test_unfusable_neuron_on_a_conv_gets_its_own_layer():
-    imported = imp(CONV.format(gpu=0).replace("gpu=0", "gpu=0\nneuron=square"))
+    imported = imp(replace_once(CONV.format(gpu=0), "gpu=0", "gpu=0\nneuron=square"))
     assert "conv1_neuron = neuron(conv1) square" in imported.text
     assert "fc = fc(conv1_neuron," in imported.text
 
@@ -593,7 +592,7 @@ def test_unfusable_neuron_on_a_conv_gets_its_own_layer():
     ("rleu", "unknown neuron 'rleu'"),
 ])
 def test_neuron_errors(neuron, message):
-    msg = first_error_line(CONV.format(gpu=0).replace("gpu=0", f"gpu=0\nneuron={neuron}"))
+    msg = first_error_line(replace_once(CONV.format(gpu=0), "gpu=0", f"gpu=0\nneuron={neuron}"))
     assert msg == f"l.cfg:17:8: error: layer 'conv1' (type=conv): {message}"
 
 
@@ -606,18 +605,18 @@ def test_per_input_lists_expand_and_must_agree_where_cnnc_has_one_value():
     imported = imp(body, params)
     assert layer_line(imported, "sum") == "sum = conv(conv1, c2, filters=32, size=3, padding=1, init_w=0.02)"
     check(parse(imported.text))
-    bad = body.replace("filterSize=3,3", "filterSize=3,5")
+    bad = replace_once(body, "filterSize=3,3", "filterSize=3,5")
     assert first_error_line(bad, params) == "l.cfg:28:8: error: layer 'sum' (type=conv): all inputs must " \
                                             "produce equally-sized output, got 32x6x6, 32x4x4"
-    assert first_error_line(body.replace("filters=32,32", "filters=32,32,32"), params) == \
+    assert first_error_line(replace_once(body, "filters=32,32", "filters=32,32,32"), params) == \
         "l.cfg:30:9: error: 'filters' lists 3 values but layer 'sum' (type=conv) has 2 inputs"
-    assert first_error_line(body, params.replace("epsW=0.01,0.01", "epsW=0.01,0.02")) == \
+    assert first_error_line(body, replace_once(params, "epsW=0.01,0.01", "epsW=0.01,0.02")) == \
         "p.cfg:2:6: error: 'epsW' differs between the inputs of layer 'sum' (type=conv) (0.01,0.02); cnnc " \
         "gives a layer one value for all its inputs"
 
 
 def test_channels_must_match_the_input():
-    assert first_error_line(CONV.format(gpu=0).replace("channels=3", "channels=4")) == \
+    assert first_error_line(replace_once(CONV.format(gpu=0), "channels=3", "channels=4")) == \
         "l.cfg:12:10: error: layer 'conv1' (type=conv): channels=4, but 'data' produces 3 channels (3x8x8)"
 
 
@@ -639,7 +638,7 @@ def test_gpu_lists_are_inherited_and_written_only_where_the_cnn_rule_differs():
 
 
 def test_layer_without_gpu_under_a_data_layer_warns():
-    imported = imp(CONV.format(gpu=0).replace("gpu=0\n", ""))
+    imported = imp(replace_once(CONV.format(gpu=0), "gpu=0\n", ""))
     assert imported.warnings[0].format().splitlines()[0] == (
         "l.cfg:9:1: warning: layer 'conv1' (type=conv) has no gpu= and its first input 'data' is a data layer, "
         "so cuda-convnet2 would not place it; using gpu=0")
@@ -692,11 +691,11 @@ def test_pool_keys_and_rounding():
     assert layer_line(imported, "p") == "p = maxpool(conv1, size=3, stride=2, start=1, outputs=2)"
     assert [l.shape for l in imported.layers if l.name == "p"] == [(16, 2, 2)]
     check(parse(imported.text))
-    pool = body.replace("outputsX=2\n", "").replace("start=1\n", "")
+    pool = rewrite(body, {"outputsX=2\n": "", "start=1\n": ""})
     assert [l.shape for l in imp(pool).layers if l.name == "p"] == [(16, 3, 3)]     # 1 + ceil((6 - 3) / 2)
-    assert first_error_line(pool.replace("stride=2", "stride=4")) == \
+    assert first_error_line(replace_once(pool, "stride=2", "stride=4")) == \
         "l.cfg:23:8: error: 'stride' must be at most 3, not 4"
-    assert first_error_line(pool.replace("pool=max", "pool=maxabs")) == \
+    assert first_error_line(replace_once(pool, "pool=max", "pool=maxabs")) == \
         "l.cfg:20:6: error: layer 'p' (type=pool): pool=maxabs is not supported by cnnc"
 
 
@@ -709,9 +708,9 @@ def test_norm_layers_take_scale_and_pow_from_the_params_file():
     assert layer_line(imported, "r2") == "r2 = rnorm(r, size=3, scale=0.001, pow=0.5)"
     assert layer_line(imported, "r3") == "r3 = cnorm(r2, size=3, scale=0.001, pow=0.5)"
     check(parse(imported.text))
-    assert first_error_line(body, params.replace("pow=0.75\n", "")) == \
+    assert first_error_line(body, replace_once(params, "pow=0.75\n", "")) == \
         "p.cfg:1:1: error: layer 'r' (type=cmrnorm) is missing the required key 'pow'"
-    assert first_error_line(body.replace("size=5", "size=1"), params) == \
+    assert first_error_line(replace_once(body, "size=5", "size=1"), params) == \
         "l.cfg:22:6: error: 'size' must be at least 2, not 1"
 
 
@@ -733,7 +732,7 @@ def test_dropout_eltsum_concat_pass_and_costs():
     assert layer_line(imported, "two") == "two = concat(one, one)    # type=pass"
     assert [l.shape for l in imported.layers if l.name == "two"] == [(64, 6, 6)]
     check(parse(imported.text))
-    assert first_error_line(body, params.replace("coeffs=1,-1", "coeffs=1,-1,2")) == \
+    assert first_error_line(body, replace_once(params, "coeffs=1,-1", "coeffs=1,-1,2")) == \
         "p.cfg:7:8: error: layer 'diff' (type=eltsum): 'coeffs' lists 3 values for 2 inputs"
 
 
@@ -772,8 +771,8 @@ def test_input_defined_later_hint():
 def test_unused_layer_and_reversed_cost_inputs():
     assert first_error_line(CONV.format(gpu=0) + "\n[lost]\ntype=softmax\ninputs=conv1\n", tail_input="conv1") == \
         "l.cfg:18:1: error: layer 'lost' (type=softmax) is unused"
-    text = LAYERS_HEAD + CONV.format(gpu=0) + LAYERS_TAIL.format(x="conv1", gpu=0).replace("labels,probs",
-                                                                                          "probs,labels")
+    text = LAYERS_HEAD + CONV.format(gpu=0) + replace_once(LAYERS_TAIL.format(x="conv1", gpu=0),
+                                                                   "labels,probs", "probs,labels")
     with pytest.raises(CompileError) as info:
         import_text(text, "l.cfg", "", "p.cfg", {"data": (3, 8, 8)})
     assert info.value.format().splitlines()[0] == "l.cfg:30:8: error: layer 'cost' (type=cost.logreg): the first " \
@@ -781,7 +780,7 @@ def test_unused_layer_and_reversed_cost_inputs():
 
 
 def test_ignored_and_misplaced_keys_warn():
-    body = CONV.format(gpu=0).replace("gpu=0", "gpu=0\npartialSum=1\nepsW=0.1\nfiltrs=3")
+    body = replace_once(CONV.format(gpu=0), "gpu=0", "gpu=0\npartialSum=1\nepsW=0.1\nfiltrs=3")
     params = "[conv1]\nepsW=0.01\nepsB=0.02\nmomW=0.9\nmomB=0.9\nchannels=3\nmomentum=1\n[nothere]\nx=1\n"
     imported = imp(body, params)
     assert [w.format().splitlines()[0] for w in imported.warnings] == [
@@ -798,18 +797,18 @@ def test_ignored_and_misplaced_keys_warn():
 
 
 def test_kernel_only_constraints_of_cuda_convnet2_are_warnings():
-    imported = imp(CONV.format(gpu=0).replace("filters=16", "filters=10"))
+    imported = imp(replace_once(CONV.format(gpu=0), "filters=16", "filters=10"))
     assert imported.warnings[0].format().splitlines()[0] == (
         "l.cfg:13:9: warning: layer 'conv1' (type=conv): cuda-convnet2 needs filters to be a multiple of 16 (10); "
         "cnnc does not")
 
 
 def test_unsupported_features_are_errors():
-    assert first_error_line(CONV.format(gpu=0).replace("gpu=0", "gpu=0\nweightSource=fc")) == \
+    assert first_error_line(replace_once(CONV.format(gpu=0), "gpu=0", "gpu=0\nweightSource=fc")) == \
         "l.cfg:17:14: error: layer 'conv1' (type=conv): weight sharing (weightSource) is not supported by cnnc"
-    assert first_error_line(CONV.format(gpu=0).replace("gpu=0", "gpu=0\nmodulesX=3")) == \
+    assert first_error_line(replace_once(CONV.format(gpu=0), "gpu=0", "gpu=0\nmodulesX=3")) == \
         "l.cfg:17:10: error: layer 'conv1' (type=conv): modulesX=3 (a fixed output size) is not supported by cnnc"
-    text = LAYERS_HEAD.replace("dataIdx=0", "dataIdx=0\nstart=3") + CONV.format(gpu=0) + \
+    text = replace_once(LAYERS_HEAD, "dataIdx=0", "dataIdx=0\nstart=3") + CONV.format(gpu=0) + \
         LAYERS_TAIL.format(x="conv1", gpu=0)
     with pytest.raises(CompileError) as info:
         import_text(text, "l.cfg", "", "p.cfg", {"data": (3, 8, 8)})
@@ -818,7 +817,7 @@ def test_unsupported_features_are_errors():
 
 
 def test_names_that_are_not_cnnc_names_are_renamed():
-    body = CONV.format(gpu=0).replace("[conv1]", "[conv1.a]") + "\n[train]\ntype=neuron\ninputs=conv1.a\n" \
+    body = replace_once(CONV.format(gpu=0), "[conv1]", "[conv1.a]") + "\n[train]\ntype=neuron\ninputs=conv1.a\n" \
                                                                   "neuron=relu\n"
     imported = imp(body, PARAMS_WEIGHTS.format(n="conv1.a"))
     assert "conv1_a = conv(data," in imported.text
@@ -831,8 +830,8 @@ def test_names_that_are_not_cnnc_names_are_renamed():
 
 
 def test_grouped_and_unshared_conv():
-    body = CONV.format(gpu=0).replace("channels=3", "channels=16").replace("inputs=data", "inputs=c0") \
-        .replace("filters=16", "filters=16\ngroups=2\nsharedBiases=0")
+    body = rewrite(CONV.format(gpu=0), {"channels=3": "channels=16", "inputs=data": "inputs=c0",
+                                        "filters=16": "filters=16\ngroups=2\nsharedBiases=0"})
     body = "[c0]\ntype=conv\ninputs=data\nchannels=3\nfilters=16\nfilterSize=1\ninitW=0.01\ngpu=0\n\n" + body
     imported = imp(body)
     # cuda-convnet2's filters counts per group; cnnc's counts the output channels
@@ -847,7 +846,7 @@ def test_numbers_print_shortest():
 
 
 def test_relocate_points_checker_errors_at_the_section():
-    imported = imp(CONV.format(gpu=0).replace("filterSize=3", "filterSize=3\npadding=3"))
+    imported = imp(replace_once(CONV.format(gpu=0), "filterSize=3", "filterSize=3\npadding=3"))
     with pytest.raises(CompileError) as info:
         check(parse(imported.text, "x.cnn"))
     moved = imported.relocate(info.value)

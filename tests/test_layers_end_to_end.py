@@ -21,6 +21,8 @@ from cnnc.build import compile_network
 from cnnc.executor import Executor, initial_parameters
 from test_parallel import assert_same_training
 
+from helpers import replace_once, stable_seed
+
 TRAIN = ("train {{ batch = {batch}{extra}; lr = {lr}; momentum = {momentum}; weight_decay = {decay}; seed = 3; "
          "init_w = 0.2 }}\n")
 
@@ -68,7 +70,7 @@ probs = softmax(f)
 cost = crossent(labels, probs)
 """
 
-NETS = {"every": EVERY, "summed": SUMMED, "every-abs": EVERY.replace("square", "abs")}
+NETS = {"every": EVERY, "summed": SUMMED, "every-abs": replace_once(EVERY, "square", "abs")}
 CLASSES = {"every": 5, "summed": 4, "every-abs": 5}
 
 
@@ -76,8 +78,7 @@ def source(name: str, lr: float = 0.05, momentum: float = 0.9, decay: float = 0.
            extra: str = "", edits=()) -> str:
     text = NETS[name].format(lr=lr, momentum=momentum, decay=decay, batch=batch, extra=extra)
     for old, new in edits:
-        assert old in text, old
-        text = text.replace(old, new)
+        text = replace_once(text, old, new)
     return text
 
 
@@ -89,7 +90,7 @@ def batches(plan, steps: int, classes: int, seed: int = 0):
 
 def train(text: str, backend: str, tmp: Path, classes: int, steps: int = 3):
     """Logical devices all on physical device 0: one OpenCL device, or the host."""
-    out = tmp / f"b{abs(hash((text, backend)))}"
+    out = tmp / f"b{stable_seed(text, backend)}"
     plan = compile_network(text, "net.cnn", out, use_nvcc=False).plan
     ex = Executor(plan, make_backend(backend, plan, out, [0] * 4))
     losses = [ex.train_step(x, y, i / steps)[0] for i, (x, y) in enumerate(batches(plan, steps, classes))]

@@ -14,6 +14,8 @@ from cnnc.diagnostics import CompileError
 from cnnc.executor import Executor, initial_parameters
 from cnnc.plan.summary import summarize
 
+from helpers import replace_once, stable_seed
+
 NET = """
 network par
 input data: 3x8x8
@@ -52,7 +54,7 @@ def batches(steps: int):
 
 
 def train(src: str, backend: str, steps: int, tmp: Path, gpus=None):
-    out = tmp / f"b{abs(hash((src, backend)))}"
+    out = tmp / f"b{stable_seed(src, backend)}"
     plan = compile_network(src, "par.cnn", out, use_nvcc=False).plan
     if gpus is None:                 # the OpenCL device (PoCL) is one device: logical devices share it
         gpus = [0] * 4 if backend == "opencl" else [0, 1, 2, 3]
@@ -212,7 +214,7 @@ PIPE = {
 
 
 def pipelined(settings: str, placement: dict) -> str:
-    return source(placement).replace("init_w = 0.1 }", f"init_w = 0.1; {settings} }}")
+    return replace_once(source(placement), "init_w = 0.1 }", f"init_w = 0.1; {settings} }}")
 
 
 @pytest.mark.parametrize("name", list(PIPE))
@@ -272,11 +274,11 @@ def test_exchange_schemes_equal_single_device(scheme, tmp_path):
     """Krizhevsky's three ways to feed the fc part of a hybrid net; with the whole minibatch
     accumulated per update, all equal the single-device step."""
     def src(placement):
-        text = source(placement).replace("batch = 8", "batch = 16")
-        return text.replace("init_w = 0.1 }", f"init_w = 0.1; exchange = {scheme} }}")
+        text = replace_once(source(placement), "batch = 8", "batch = 16")
+        return replace_once(text, "init_w = 0.1 }", f"init_w = 0.1; exchange = {scheme} }}")
 
     def train16(text, backend):
-        out = tmp_path / f"b{abs(hash(text))}"
+        out = tmp_path / f"b{stable_seed(text)}"
         plan = compile_network(text, "par.cnn", out, use_nvcc=False).plan
         ex = Executor(plan, make_backend(backend, plan, out, [0, 0, 0, 0]))
         rng = np.random.default_rng(1)
@@ -296,8 +298,8 @@ def test_exchange_schemes_equal_single_device(scheme, tmp_path):
 
 
 def test_scatter_needs_divisible_shares(tmp_path):
-    text = source({"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0)"}).replace(
-        "init_w = 0.1 }", "init_w = 0.1; exchange = scatter }")
+    text = replace_once(source({"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0)"}), "init_w = 0.1 }",
+                        "init_w = 0.1; exchange = scatter }")
     with pytest.raises(CompileError, match="exchange = scatter sends 1/4 of each replica's 2 cases"):
         compile_network(text, "par.cnn", tmp_path, use_nvcc=False)
 
@@ -337,11 +339,13 @@ def test_round_robin_copies_run_beside_compute(tmp_path):
 def test_wball_keeps_units_in_the_ball_and_placements_agree(tmp_path):
     """wball renormalises after each update; data-parallel replicas do it identically."""
     def with_wball(placement):
-        return source(placement).replace("{conv1}", "").replace(
-            "conv1 = conv(data, filters=6, size=3, padding=1) relu",
-            "conv1 = conv(data, filters=6, size=3, padding=1) relu { wball = 0.35 }")
+        return replace_once(source(placement), "conv1 = conv(data, filters=6, size=3, padding=1) relu",
+                            "conv1 = conv(data, filters=6, size=3, padding=1) relu { wball = 0.35 }")
     single = train(with_wball({}), "reference", 3, tmp_path)
-    conv = single[1]["conv1.weights"].reshape(6, -1)
-    assert np.sqrt((conv ** 2).sum(axis=1)).max() <= 0.35 * (1 + 1e-6)
-    assert_same_training(single, train(with_wball(PLACEMENTS["data-2"]), "reference", 3, tmp_path))
+    norms = np.sqrt((single[1]["conv1.weights"].reshape(6, -1) ** 2).sum(axis=1))
+    assert norms.max() <= 0.35 * (1 + 1e-6)
+    assert np.isclose(norms.max(), 0.35, rtol=1e-5), "no unit reached the ball: wball was never active"
+    data_parallel = train(with_wball(PLACEMENTS["data-2"]), "reference", 3, tmp_path)
+    assert {l.layer: l.devices for l in data_parallel[3].layers}["conv1"] == (0, 1)
+    assert_same_training(single, data_parallel)
     assert_same_training(single, train(with_wball(PLACEMENTS["data-2"]), "opencl", 3, tmp_path))

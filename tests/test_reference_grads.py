@@ -15,30 +15,14 @@ from cnnc.backends.reference_ops import REFERENCE_OPS
 from cnnc.neurons import NEURONS
 from cnnc.ops import OPS, Role
 
+from helpers import run_reference as run
+
 H_STEP = 1e-6
 RTOL = 1e-5
 ATOL = 1e-7
 
 
 # ----------------------------------------------------------------- helpers
-
-def run(name, params, **arrays):
-    """Call a reference op on flat copies of the arrays; return its outputs reshaped."""
-    args, flat = [], {}
-    for arg, role in OPS[name].args:
-        if role is Role.SCALAR:
-            args.append(float(arrays[arg]))
-            continue
-        if role is Role.INT_SCALAR:
-            args.append(int(arrays[arg]))
-            continue
-        a = np.asarray(arrays[arg])
-        flat[arg] = a.reshape(-1).copy()
-        args.append(flat[arg])
-    REFERENCE_OPS[name](params, *args)
-    return {arg: flat[arg].reshape(np.shape(arrays[arg]))
-            for arg, role in OPS[name].args if role in (Role.OUT, Role.INOUT)}
-
 
 def fd_grad(f, x, dy, h=H_STEP):
     """Central-difference gradient of sum(dy * f()) w.r.t. x; f reads x, which is perturbed in place."""

@@ -1,0 +1,67 @@
+"""Helpers shared by the tests: stable seeds, checked rewrites and golden files (which keep tests
+from passing vacuously), and a direct call of one reference op."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnc.backends.reference_ops import REFERENCE_OPS
+from cnnc.ops import OPS, Role
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed (and a name) that is the same in every process: Python salts ``hash()`` of str per run."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def rewrite(text: str, edits: dict[str, str], *, once: bool = True) -> str:
+    """``text`` with each ``old`` replaced by ``new``, in order, failing when an anchor is missing.
+
+    A replace whose anchor drifted away would leave the test running on the unedited network,
+    so each anchor must occur (exactly once unless ``once=False``).
+    """
+    for old, new in edits.items():
+        count = text.count(old)
+        if count == 0 or (once and count != 1):
+            expected = "once" if once else "at least once"
+            raise AssertionError(f"rewrite anchor {old!r} occurs {count} times, expected {expected}")
+        text = text.replace(old, new)
+    return text
+
+
+def replace_once(text: str, old: str, new: str) -> str:
+    """``text`` with its one occurrence of ``old`` replaced by ``new``."""
+    return rewrite(text, {old: new})
+
+
+def check_golden(got: str, golden: Path, what: str = "") -> None:
+    """Compare ``got`` with a golden file; with CNNC_UPDATE_GOLDEN set, write it and skip instead.
+
+    Update mode skips rather than passes, so a run that rewrote goldens never reads as green.
+    """
+    if os.environ.get("CNNC_UPDATE_GOLDEN"):
+        golden.write_text(got)
+        pytest.skip(f"updated golden file {golden}; review the diff")
+    assert got == golden.read_text(), what or f"output differs from golden file {golden}"
+
+
+def run_reference(name: str, params: dict, **arrays) -> dict[str, np.ndarray]:
+    """Call the reference op `name` on flat copies of the arrays (scalars as numbers); returns
+    its outputs by argument name, reshaped like the arrays given for them."""
+    args, flat = [], {}
+    for arg, role in OPS[name].args:
+        if role is Role.SCALAR:
+            args.append(float(arrays[arg]))
+        elif role is Role.INT_SCALAR:
+            args.append(int(arrays[arg]))
+        else:
+            flat[arg] = np.asarray(arrays[arg]).reshape(-1).copy()
+            args.append(flat[arg])
+    REFERENCE_OPS[name](params, *args)
+    return {arg: flat[arg].reshape(np.shape(arrays[arg]))
+            for arg, role in OPS[name].args if role in (Role.OUT, Role.INOUT)}
