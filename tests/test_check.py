@@ -203,7 +203,7 @@ c = conv(data, filters=4, size=3) {
   lr = exp(0.01, 100)
   momentum_bias = 0
   init_b = 1
-  update_period = 2
+  update_period = 1
 }
 f = fc(c, outputs=10, init_w=0.001, init_b=-0.5)
 probs = softmax(f)
@@ -213,7 +213,7 @@ cost = logreg(labels, probs)
     assert n.settings["lr"] == Schedule("const", 0.1)
     assert n.node("c").train == LayerTrain(
         lr=Schedule("exp", 0.01, 100.0), lr_bias=Schedule("const", 0.2), momentum=0.5, momentum_bias=0.0,
-        weight_decay=0.001, init_w=0.05, init_b=1.0, update_period=2)
+        weight_decay=0.001, init_w=0.05, init_b=1.0, update_period=1)
     assert n.node("f").train == LayerTrain(
         lr=Schedule("const", 0.1), lr_bias=Schedule("const", 0.2), momentum=0.5, momentum_bias=0.5,
         weight_decay=0.001, init_w=0.001, init_b=-0.5, update_period=0)

@@ -2,7 +2,8 @@
 
 Resolves names (with "did you mean" hints), orders layers topologically
 (rejecting cycles), fills defaults from the layer-kind table and the
-``train {}`` block, validates placement, and infers every shape.  Every
+``train {}`` block, validates placement (the replication rules between
+layers are in :mod:`cnnc.check.placement`), and infers every shape.  Every
 problem becomes a located :class:`~cnnc.diagnostics.CompileError`.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnnc.check.kinds import KINDS, REQUIRED, LayerKind, Param, ShapeError
+from cnnc.check.placement import replication
 from cnnc.check.settings import GLOBAL_SETTINGS, LAYER_SETTINGS, layer_train, read_settings
 from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean, source_lines
 from cnnc.frontend import ast
@@ -63,9 +65,11 @@ class _Checker:
         if not any(KINDS[l.kind].is_cost for l in layers.values()):
             self.fail("the network has no cost layer, so there is nothing to train", self.p.span,
                       "end it with e.g. 'cost = logreg(labels, probs)'")
-        return Network(self.p.name, self.p.file, self.p.source, tuple(inputs.values()),
-                       tuple(layers[n] for n in order), batch, glob.get("epochs", 10), glob.get("seed", 0),
-                       {k: v for k, v in glob.items()})
+        net = Network(self.p.name, self.p.file, self.p.source, tuple(inputs.values()),
+                      tuple(layers[n] for n in order), batch, glob.get("epochs", 10), glob.get("seed", 0),
+                      {k: v for k, v in glob.items()})
+        replication(net)
+        return net
 
     def check_elements(self, name: str, cases: int, shape: Shape, span: Span | None) -> None:
         """A layer's or input's output buffer must be indexable by the kernels."""

@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from cnnc.check.kinds import KINDS
+from cnnc.check.placement import replication
 from cnnc.plan import lowering
 from cnnc.plan.memory import assign_storage
 from cnnc.diagnostics import CompileError, Diagnostic
@@ -57,68 +58,18 @@ class _Planner:
         self.analyse_replicas()
 
     # -- replicas, shares, passes ---------------------------------------------
-    def fail(self, layer: Layer, message: str, hint: str | None = None):
-        raise CompileError(Diagnostic(message, self.net.file, layer.span, hint), self.net.source)
-
     def analyse_replicas(self) -> None:
-        net = self.net
-        layers = {l.name: l for l in net.layers}
-        for l in net.layers:
-            ins = [layers[i] for i in l.inputs if i in layers]
-            counts = {len(i.gpus) for i in ins}
-            if len(counts) > 1:
-                self.fail(l, f"the inputs of {l.name} have different replica counts ("
-                          + ", ".join(f"{i.name}: {len(i.gpus)}" for i in ins) + ")",
-                          "give the inputs of a layer the same number of devices")
-            for i in ins:
-                if len(i.gpus) % len(l.gpus):
-                    self.fail(l, f"{l.name} has {len(l.gpus)} replicas but its input {i.name} has {len(i.gpus)}: "
-                              f"a layer's replica count must divide its inputs'")
-            consumers = net.consumers(l.name)
-            counts = {len(c.gpus) for c in consumers}
-            if len(counts) > 1:
-                self.fail(l, f"the consumers of {l.name} have different replica counts ("
-                          + ", ".join(f"{c.name}: {len(c.gpus)}" for c in consumers) + ")")
-        counts = sorted({len(l.gpus) for l in net.layers})
-        self.M = int(net.settings.get("microbatches", 1))
-        if self.M > 1 and len(counts) > 1:
-            l = next(l for l in net.layers if len(l.gpus) != counts[-1])
-            self.fail(l, f"with microbatches = {self.M} every layer needs the same number of devices; "
-                      f"{l.name} has {len(l.gpus)}, others {counts[-1]}",
-                      "pipelining and hybrid parallelism do not mix in one network")
-        self.S = counts[-1] * self.M
-        if len(counts) > 2:
-            l = next(l for l in net.layers if len(l.gpus) not in (counts[0], counts[-1]))
-            self.fail(l, f"{l.name} has {len(l.gpus)} replicas; cnnc plans two levels of replication per "
-                      f"network (here {counts[-1]} and {counts[0]})",
-                      f"use {counts[-1]} or {counts[0]} devices for {l.name}")
-        self.P = counts[-1] // counts[0] * self.M
-        if net.batch % self.S:
-            self.fail(net.layers[0], f"the batch of {net.batch} cases cannot be split into {self.S} equal shares",
-                      f"make the batch a multiple of {self.S}")
-        self.b = net.batch // self.S
-        self.hybrid = self.M == 1 and self.P > 1
-        self.G = 1                     # shares a low replica gathers into one pass (all-gather exchange)
-        self.scheme = net.settings.get("exchange", "round_robin") if self.hybrid else "round_robin"
-        if self.scheme == "all_gather":
-            self.G, self.P = self.P, 1
-        if self.scheme == "scatter" and self.b % self.S:
-            self.fail(net.layers[0], f"exchange = scatter sends 1/{self.S} of each replica's {self.b} cases to every "
-                      f"pass, so the batch must be a multiple of {self.S * self.S}")
-        self.high = {l.name for l in net.layers if self.hybrid and len(l.gpus) == self.S}
-        self.multi_device = len({d for l in net.layers for d in l.gpus}) > 1
-        self.stages = self.pipeline_stages() if self.M > 1 else []
-        for l in net.layers:
-            period = l.train.update_period if l.train else 0
-            if self.M > 1 and period not in (0, self.M):
-                self.fail(l, f"update_period = {period}: a pipelined network updates once per minibatch",
-                          f"remove update_period, or set it to {self.M}")
-            if period and self.passes(l) % period:
-                self.fail(l, f"update_period = {period} does not divide the {self.passes(l)} pass(es) "
-                          f"{l.name} runs per minibatch")
+        """Take the shares, passes and stages of the replication the checker validated."""
+        self.rep = rep = replication(self.net)
+        self.M, self.S, self.P, self.G = rep.microbatches, rep.shares, rep.passes, rep.gather
+        self.b = rep.share_cases
+        self.hybrid, self.scheme, self.high = rep.hybrid, rep.scheme, rep.high
+        self.multi_device = len({d for l in self.net.layers for d in l.gpus}) > 1
+        layers = {l.name: l for l in self.net.layers}
+        self.stages = [[layers[name] for name in stage] for stage in rep.stages]
 
     def passes(self, l: Layer) -> int:
-        return 1 if l.name in self.high else self.P
+        return self.rep.layer_passes(l)
 
     def period(self, l: Layer) -> int:
         return (l.train.update_period if l.train and l.train.update_period else self.passes(l))
@@ -160,20 +111,6 @@ class _Planner:
 
     def same_level(self, a: Layer, b: Layer) -> bool:
         return (a.name in self.high) == (b.name in self.high)
-
-    def pipeline_stages(self) -> list[list[Layer]]:
-        """Consecutive layers on the same devices form a stage; each device set must be one stage."""
-        stages: list[list[Layer]] = []
-        for l in self.net.layers:
-            if stages and stages[-1][0].gpus == l.gpus:
-                stages[-1].append(l)
-            elif any(st[0].gpus == l.gpus for st in stages):
-                self.fail(l, f"{l.name} returns to @gpu({','.join(map(str, l.gpus))}) after other devices: "
-                          f"a pipelined network must be a chain of stages, one per device set",
-                          "place consecutive layers on the same devices")
-            else:
-                stages.append([l])
-        return stages
 
     def slots(self, l: Layer) -> int:
         """How many micro-batches' activations a layer keeps: all of them for GPipe; for 1F1B
