@@ -1,4 +1,4 @@
-"""Importing cuda-convnet2 configurations (cnnc/frontend/ccn2.py, `cnnc import`,
+"""Importing cuda-convnet2 configurations (cnnc/frontend/ccn2/, `cnnc import`,
 `cnnc compile LAYERS.cfg --params PARAMS.cfg`).
 
 The fixtures in tests/ccn2/ are cuda-convnet2's own ImageNet and CIFAR files
