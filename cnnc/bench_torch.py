@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnc.backends.base import BackendError
 from cnnc.check import check
+from cnnc.check.kinds import KINDS, TORCH_TWINS, torch_twin
 from cnnc.frontend.parser import parse
 from cnnc.ir import Layer
 
@@ -35,8 +36,214 @@ def _activation(torch, layer: Layer):
     return table[n.name]
 
 
+# ---------------------------------------------------------------- the twins, one per layer kind
+# A twin is twin(torch, layer) -> an nn.Module whose forward(*inputs) computes the layer's
+# output as [N, C, H, W] (a cost: its value summed over the cases), with cuda-convnet2's
+# semantics written out: the last conv window may overhang the padded image, pool and
+# normalisation windows are clipped to the image.
+
+def _module(torch, forward, **parts):
+    """An nn.Module holding `parts` (modules and parameters) and computing forward(self, *inputs)."""
+    nn = torch.nn
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, part in parts.items():
+                setattr(self, name, part)
+
+        def forward(self, *inputs):
+            return forward(self, *inputs)
+
+    return Twin()
+
+
+def _image(torch, x, shape):
+    return x.reshape(x.shape[0], shape.channels, shape.height, shape.width)
+
+
+def _overhang(torch, x, size: int, stride: int, pad: int, out_h: int, out_w: int, fill: float = 0.0):
+    """x padded by `pad` on the top and left and, on the bottom and right, by `pad` plus whatever
+    the last windows overhang."""
+    h, w = x.shape[2:]
+    extra_h = max(0, (out_h - 1) * stride + size - (h + 2 * pad))
+    extra_w = max(0, (out_w - 1) * stride + size - (w + 2 * pad))
+    return torch.nn.functional.pad(x, (pad, pad + extra_w, pad, pad + extra_h), value=fill)
+
+
+def _biases(torch, l: Layer, shared: bool):
+    out = l.shape
+    return torch.nn.Parameter(torch.zeros(out.channels if shared else (out.channels, out.height, out.width)))
+
+
+@torch_twin("conv")
+def _conv(torch, l: Layer):
+    a, out, kind = l.args, l.shape, KINDS["conv"]
+    groups, shared = kind.value(a, "groups"), kind.value(a, "shared_biases")
+    convs = torch.nn.ModuleList(torch.nn.Conv2d(x.channels, out.channels, a["size"], a["stride"],
+                                                groups=groups, bias=False) for x in l.in_shapes)
+    neuron = _activation(torch, l)
+
+    def forward(self, *ins):
+        z = sum(conv(_overhang(torch, _image(torch, x, s), a["size"], a["stride"], a["padding"], out.height,
+                               out.width)) for conv, x, s in zip(self.convs, ins, l.in_shapes))
+        return neuron(z + (self.b[:, None, None] if shared else self.b))
+
+    return _module(torch, forward, convs=convs, b=_biases(torch, l, shared))
+
+
+@torch_twin("local")
+def _local(torch, l: Layer):
+    a, out, x_shape = l.args, l.shape, l.in_shapes[0]
+    size = a["size"]
+    w = torch.nn.Parameter(torch.randn(out.height * out.width, out.channels, x_shape.channels * size * size) * 0.01)
+    neuron = _activation(torch, l)
+
+    def forward(self, x):
+        xp = _overhang(torch, _image(torch, x, x_shape), size, a["stride"], a["padding"], out.height, out.width)
+        cols = torch.nn.functional.unfold(xp, size, stride=a["stride"])       # [N, C*R*S, P*Q]
+        y = torch.einsum("pkc,ncp->nkp", self.w, cols).reshape(x.shape[0], *self.b.shape)
+        return neuron(y + self.b)
+
+    return _module(torch, forward, w=w, b=_biases(torch, l, shared=False))
+
+
+@torch_twin("fc")
+def _fc(torch, l: Layer):
+    linears = torch.nn.ModuleList(torch.nn.Linear(x.size, l.shape.size, bias=i == 0)
+                                  for i, x in enumerate(l.in_shapes))
+    neuron = _activation(torch, l)
+
+    def forward(self, *ins):
+        return neuron(sum(f(x.flatten(1)) for f, x in zip(self.linears, ins)))
+
+    return _module(torch, forward, linears=linears)
+
+
+@torch_twin("maxpool", "avgpool")
+def _pool(torch, l: Layer):
+    """Windows start+p*stride .. +size, clipped to the image: a max over the pixels inside, or
+    their sum divided by how many there are; a window holding none gives 0."""
+    F = torch.nn.functional
+    a, x_shape, out = l.args, l.in_shapes[0], l.shape
+    size, stride, start = a["size"], a["stride"], a["start"]
+
+    def pooled(pool, v, fill):
+        v = _overhang(torch, v[:, :, start:, start:], size, stride, 0, out.height, out.width, fill)
+        return pool(v, size, stride)[:, :, :out.height, :out.width]
+
+    def window_sum(v, size, stride):
+        return F.avg_pool2d(v, size, stride, divisor_override=1)
+
+    def forward(self, x):
+        x = _image(torch, x, x_shape)
+        counts = pooled(window_sum, torch.ones_like(x[:1, :1]), 0.0)
+        if l.kind == "maxpool":
+            y = pooled(F.max_pool2d, x, float("-inf"))
+        else:
+            y = pooled(window_sum, x, 0.0) / counts.clamp(min=1)
+        return torch.where(counts > 0, y, torch.zeros_like(y))
+
+    return _module(torch, forward)
+
+
+def _window_sum(torch, l: Layer, v):
+    """Sum of v [N, C, H, W] over each value's normalisation window: `size` channels from
+    c - size//2 (cmrnorm; blocked: the block of `size` channels holding c) or size x size
+    pixels from (h - size//2, w - size//2), clipped."""
+    F = torch.nn.functional
+    size, (n, c, h, w) = l.args["size"], v.shape
+    if l.kind == "cmrnorm" and KINDS["cmrnorm"].value(l.args, "blocked"):
+        blocks = -(-c // size)
+        summed = F.pad(v, (0, 0, 0, 0, 0, blocks * size - c)).reshape(n, blocks, size, h, w).sum(2)
+        return summed.repeat_interleave(size, dim=1)[:, :c]
+    lo, hi = size // 2, size - 1 - size // 2
+    if l.kind == "cmrnorm":
+        padded = F.pad(v, (0, 0, 0, 0, lo, hi))
+        return sum(padded[:, i:i + c] for i in range(size))
+    return F.avg_pool2d(F.pad(v, (lo, hi, lo, hi)), size, 1, divisor_override=1)
+
+
+@torch_twin("cmrnorm", "rnorm", "cnorm")
+def _norm(torch, l: Layer):
+    """y = x * (min_div + add_scale * window sum of x^2, or for cnorm of (x - window mean)^2)^-pow,
+    add_scale = scale/size across maps and scale/size^2 over pixels."""
+    a, x_shape = l.args, l.in_shapes[0]
+    add_scale = a["scale"] / (a["size"] if l.kind == "cmrnorm" else a["size"] ** 2)
+
+    def forward(self, x):
+        x = _image(torch, x, x_shape)
+        v = x
+        if l.kind == "cnorm":
+            counts = _window_sum(torch, l, torch.ones_like(x[:1, :1]))
+            v = x - _window_sum(torch, l, x) / counts
+        return x * (a["min_div"] + add_scale * _window_sum(torch, l, v * v)) ** -a["pow"]
+
+    return _module(torch, forward)
+
+
+@torch_twin("neuron")
+def _neuron(torch, l: Layer):
+    neuron = _activation(torch, l)
+    return _module(torch, lambda self, x: neuron(x))
+
+
+@torch_twin("dropout", "dropout2")
+def _dropout(torch, l: Layer):
+    """dropout scales kept values by 1/keep in training; dropout2 keeps them as they are and
+    scales by keep at test time."""
+    keep = l.args["keep"]
+
+    def forward(self, x):
+        if l.kind == "dropout":
+            return torch.nn.functional.dropout(x, 1 - keep, self.training)
+        return torch.nn.functional.dropout(x, 1 - keep, True) * keep if self.training else x * keep
+
+    return _module(torch, forward)
+
+
+@torch_twin("eltsum", "pass")
+def _eltsum(torch, l: Layer):
+    coeffs = l.args.get("coeffs") or [1.0] * len(l.inputs)
+    return _module(torch, lambda self, *ins: sum(c * x for c, x in zip(coeffs, ins)))
+
+
+@torch_twin("eltmax")
+def _eltmax(torch, l: Layer):
+    def forward(self, *ins):
+        y = ins[0]
+        for x in ins[1:]:
+            y = torch.maximum(y, x)
+        return y
+
+    return _module(torch, forward)
+
+
+@torch_twin("concat")
+def _concat(torch, l: Layer):
+    return _module(torch, lambda self, *ins: torch.cat([_image(torch, x, s) for x, s in zip(ins, l.in_shapes)], 1))
+
+
+@torch_twin("softmax")
+def _softmax(torch, l: Layer):
+    return _module(torch, lambda self, x: torch.softmax(x.flatten(1), dim=1))
+
+
+@torch_twin("logreg", "crossent")
+def _probability_cost(torch, l: Layer):
+    """-log p(label) summed over the cases (crossent against one-hot labels is the same value)."""
+    return _module(torch, lambda self, labels, probs: -torch.log(
+        probs.flatten(1).gather(1, labels.long()[:, None])).sum())
+
+
+@torch_twin("sum2")
+def _sum2(torch, l: Layer):
+    return _module(torch, lambda self, x: (x * x).sum())
+
+
 def build_model(torch, net):
-    """An nn.Module computing the network's first cost, layer by layer (one submodule each)."""
+    """An nn.Module computing the network's objective, the sum of coeff * cost over its costs,
+    with one submodule per layer (its twin)."""
     nn = torch.nn
 
     class Layerwise(nn.Module):
@@ -44,50 +251,21 @@ def build_model(torch, net):
             super().__init__()
             self.parts = nn.ModuleDict()
             for l in net.layers:
-                self.parts[l.name] = self.part(l)
+                if l.kind not in TORCH_TWINS:
+                    raise BackendError(f"--against torch does not model {l.kind} layers ({l.name})")
+                self.parts[l.name] = TORCH_TWINS[l.kind](torch, l)
 
-        def part(self, l: Layer):
-            a = l.args
-            if l.kind == "conv":
-                convs = nn.ModuleList(nn.Conv2d(s.channels, l.shape.channels, a["size"], a["stride"], a["padding"],
-                                                groups=a.get("groups", 1), bias=(i == 0))
-                                      for i, s in enumerate(l.in_shapes))
-                return convs
-            if l.kind == "fc":
-                return nn.ModuleList(nn.Linear(s.size, l.shape.size, bias=(i == 0)) for i, s in enumerate(l.in_shapes))
-            if l.kind in ("maxpool", "avgpool"):
-                cls = nn.MaxPool2d if l.kind == "maxpool" else nn.AvgPool2d
-                return cls(a["size"], a["stride"], ceil_mode=True)
-            if l.kind in ("dropout", "dropout2"):
-                return nn.Dropout(1 - a["keep"])
-            if l.kind == "cmrnorm":
-                return nn.LocalResponseNorm(a["size"], a["scale"], a["pow"], a.get("min_div", 1.0))
-            if l.kind in ("softmax", "logreg", "neuron", "pass", "eltsum", "concat"):
-                return nn.Identity()
-            raise BackendError(f"--against torch does not model {l.kind} layers ({l.name})")
-
-        def forward(self, x, y):
+        def outputs(self, x, y) -> dict:
+            """Every layer's output (a cost's: its value), by name."""
             values = {i.name: (x if i.kind == "image" else y) for i in net.inputs}
             for l in net.layers:
-                part = self.parts[l.name]
-                ins = [values[i] for i in l.inputs]
-                if l.kind in ("conv", "fc"):
-                    flat = [v.flatten(1) for v in ins] if l.kind == "fc" else ins
-                    out = sum(m(v) for m, v in zip(part, flat))
-                    values[l.name] = _activation(torch, l)(out)
-                elif l.kind == "softmax":
-                    values[l.name] = torch.log_softmax(ins[0].flatten(1), dim=1)    # log-probabilities
-                elif l.kind == "logreg":
-                    return torch.nn.functional.nll_loss(ins[1], ins[0].long(), reduction="sum")
-                elif l.kind == "neuron":
-                    values[l.name] = _activation(torch, l)(ins[0])
-                elif l.kind == "eltsum":
-                    values[l.name] = sum(ins)
-                elif l.kind == "concat":
-                    values[l.name] = torch.cat(ins, dim=1)
-                else:
-                    values[l.name] = part(ins[0])
-            raise BackendError("--against torch needs a logreg cost")
+                out = self.parts[l.name](*(values[i] for i in l.inputs))
+                values[l.name] = out if KINDS[l.kind].is_cost else _image(torch, out, l.shape)
+            return values
+
+        def forward(self, x, y):
+            values = self.outputs(x, y)
+            return sum(l.args["coeff"] * values[l.name] for l in net.layers if KINDS[l.kind].is_cost)
 
     return Layerwise()
 
@@ -114,17 +292,16 @@ def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: 
     starts: dict[tuple[str, str], float] = {}
     handles = []
     for name, part in model.parts.items():
-        for module in (part if isinstance(part, torch.nn.ModuleList) else [part]):   # one per input
-            handles.append(module.register_forward_pre_hook(
-                lambda m, i, n=name: starts.__setitem__((n, "f"), time.perf_counter())))
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, n=name: times[n].__setitem__(
-                    "forward_ms", times[n]["forward_ms"] + (time.perf_counter() - starts[(n, "f")]) * 1e3)))
-            handles.append(module.register_full_backward_pre_hook(
-                lambda m, g, n=name: starts.__setitem__((n, "b"), time.perf_counter())))
-            handles.append(module.register_full_backward_hook(
-                lambda m, gi, go, n=name: times[n].__setitem__(
-                    "backward_ms", times[n]["backward_ms"] + (time.perf_counter() - starts[(n, "b")]) * 1e3)))
+        handles.append(part.register_forward_pre_hook(
+            lambda m, i, n=name: starts.__setitem__((n, "f"), time.perf_counter())))
+        handles.append(part.register_forward_hook(
+            lambda m, i, o, n=name: times[n].__setitem__(
+                "forward_ms", times[n]["forward_ms"] + (time.perf_counter() - starts[(n, "f")]) * 1e3)))
+        handles.append(part.register_full_backward_pre_hook(
+            lambda m, g, n=name: starts.__setitem__((n, "b"), time.perf_counter())))
+        handles.append(part.register_full_backward_hook(
+            lambda m, gi, go, n=name: times[n].__setitem__(
+                "backward_ms", times[n]["backward_ms"] + (time.perf_counter() - starts[(n, "b")]) * 1e3)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # hooks on the first layer see no input gradient: expected
         step()

@@ -163,58 +163,10 @@ def summed_input_cases():
 
 
 def buffer_size(op: str, name: str, p: dict) -> int:
-    """Element count of an op argument, from the op's params."""
-    special = layer_buffer_size(op, name, p)
-    if special is not None:
-        return special
-    groups = p.get("groups", 1)
-    sizes = {
-        "conv": dict(x=p.get("N", 0) * p.get("C", 0) * p.get("H", 0) * p.get("W", 0),
-                     w=p.get("K", 0) * (p.get("C", 0) // groups) * p.get("R", 0) * p.get("S", 0),
-                     b=p.get("K", 0) * (1 if p.get("shared_biases", True) else p.get("P", 0) * p.get("Q", 0)),
-                     y=p.get("N", 0) * p.get("K", 0) * p.get("P", 0) * p.get("Q", 0)),
-    }
-    if op.startswith("conv"):
-        s = sizes["conv"]
-        dw = s["w"] * p.get("split", 1)
-        return {"x": s["x"], "dx": s["x"], "w": s["w"], "dw": dw, "b": s["b"], "y": s["y"], "dy": s["y"]}[name]
-    if op.startswith("fc"):
-        return {"x": p["N"] * p["I"], "dx": p["N"] * p["I"], "w": p["I"] * p["O"], "dw": p["I"] * p["O"],
-                "b": p["O"], "y": p["N"] * p["O"], "dy": p["N"] * p["O"]}[name]
-    if op.startswith("pool"):
-        return {"x": p["N"] * p["C"] * p["H"] * p["W"], "dx": p["N"] * p["C"] * p["H"] * p["W"],
-                "y": p["N"] * p["C"] * p["P"] * p["Q"], "dy": p["N"] * p["C"] * p["P"] * p["Q"]}[name]
-    if op == "bias_grad":
-        return {"dy": p["N"] * p["K"] * p["inner"], "db": p["K"]}[name]
-    if op == "max_norm":
-        return p["units"] * p["length"]
-    if op == "replica_sum":
-        return {"stage": p["R"] * p["n"], "g": p["offset"] + p["n"] + 5}[name]
-    if op in ("neuron_bwd", "sgd_update"):
-        return p["n"]
-    if name in ("labels", "loss", "correct"):
-        return p["N"]
-    return p["N"] * p["C"]
-
-
-def layer_buffer_size(op: str, name: str, p: dict) -> int | None:
-    """Element counts for the layer ops of layer_op_cases(); None for the others."""
-    if op.startswith("local"):
-        img, out = p["N"] * p["C"] * p["H"] * p["W"], p["N"] * p["K"] * p["P"] * p["Q"]
-        wsize = p["P"] * p["Q"] * p["K"] * p["C"] * p["R"] * p["S"]
-        return {"x": img, "dx": img, "w": wsize, "dw": wsize, "b": p["K"] * p["P"] * p["Q"], "y": out,
-                "dy": out}[name]
-    if op == "bias_grad_unshared":
-        return {"dy": p["N"] * p["K"] * p["inner"], "db": p["K"] * p["inner"]}[name]
-    if op.startswith(("cmrnorm", "rnorm", "cnorm")):
-        return p["N"] * p["C"] * p["H"] * p["W"]
-    if op in ("concat_fwd", "concat_bwd"):
-        return p["N"] * (p["D"] if name in ("x", "dx") else p["D_out"])
-    if op in ("dropout_fwd", "sum2_fwd", "sum2_bwd"):
-        return p["N"] if name == "loss" else p["N"] * p["D"]
-    if op.startswith(("neuron_fwd", "neuron_bwd_input", "eltsum", "eltmax", "dropout_bwd")):
-        return p["n"]
-    return None
+    """Element count of an op argument, from the op registry; an argument that reaches a window
+    of a larger buffer gets room after the window, which the kernel must leave alone."""
+    spec = OPS[op]
+    return spec.sizes(p)[name] + (5 if name in spec.windows else 0)
 
 
 def inputs_for(k: Kernel, rng) -> dict[str, np.ndarray | float]:

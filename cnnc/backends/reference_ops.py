@@ -8,17 +8,16 @@ correct rather than fast (vectorised numpy, no hand tuning).
 Every function has the signature ``fn(params, *args)`` with ``args`` in the
 order of ``OPS[name].args``: buffers are flat 1-D arrays (outputs are written
 in place through reshaped views), scalars are Python floats.  The functions
-preserve the dtype of their arrays, so tests can run them in float64.
+preserve the dtype of their arrays, so tests can run them in float64.  Each
+registers itself with ``@reference`` in the op registry (``cnnc.ops.REFERENCES``).
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnc.neurons import Neuron
-from cnnc.ops import dropout_threshold
+from cnnc.ops import REFERENCES, dropout_threshold, norm_add_scale, param, reference
 
 
 # ----------------------------------------------------------------- helpers
@@ -91,20 +90,20 @@ def _unwindows(cols, H, W, first, stride):
 
 def _conv_shapes(p: dict):
     """The x, w and y shapes of a convolution (w holds C/groups channels per filter)."""
-    return ((p["N"], p["C"], p["H"], p["W"]), (p["K"], p["C"] // p.get("groups", 1), p["R"], p["S"]),
+    return ((p["N"], p["C"], p["H"], p["W"]), (p["K"], p["C"] // param(p, "groups"), p["R"], p["S"]),
             (p["N"], p["K"], p["P"], p["Q"]))
 
 
 def _groups(p: dict):
     """(channel slice, filter slice) of each group of a grouped convolution."""
-    G = p.get("groups", 1)
+    G = param(p, "groups")
     Cg, Kg = p["C"] // G, p["K"] // G
     return [(slice(g * Cg, (g + 1) * Cg), slice(g * Kg, (g + 1) * Kg)) for g in range(G)]
 
 
 def _conv_bias(p: dict, b):
     """The biases broadcast against [N, K, P, Q]: b[k] shared, or b[k, p, q] unshared."""
-    if p.get("shared_biases", True):
+    if param(p, "shared_biases"):
         return _in(b, (1, p["K"], 1, 1))
     return _in(b, (1, p["K"], p["P"], p["Q"]))
 
@@ -146,6 +145,7 @@ def _store_summed(p: dict, y: np.ndarray, acc: np.ndarray, bias: np.ndarray) -> 
     y[...] = _neuron_fwd(p, acc)
 
 
+@reference
 def conv_fwd(p, x, w, b, y):
     """y = neuron(b + conv(x, w)), reading zeros outside the image; each group of filters sees
     only its own group of channels."""
@@ -159,6 +159,7 @@ def conv_fwd(p, x, w, b, y):
     _store_summed(p, _out(y, ys), acc, _conv_bias(p, b))
 
 
+@reference
 def conv_bwd_data(p, w, dy, dx):
     """dx (+)= the transpose convolution of dy with w, group by group."""
     xs, ws, ys = _conv_shapes(p)
@@ -170,6 +171,7 @@ def conv_bwd_data(p, w, dy, dx):
     _store(_out(dx, xs), np.concatenate(parts, axis=1), p)
 
 
+@reference
 def conv_bwd_filter(p, x, dy, dw):
     """dw = sum over cases and positions of dy times the input window, group by group.
 
@@ -193,35 +195,41 @@ def conv_bwd_filter(p, x, dy, dw):
     _store(_out(dw, ws), np.concatenate(parts, axis=0), p)
 
 
+@reference
 def bias_grad(p, dy, db):
     """db[k] = sum of dy viewed as [N, K, inner] over axes 0 and 2."""
     _store(_out(db, (p["K"],)), _in(dy, (p["N"], p["K"], p["inner"])).sum(axis=(0, 2)), p)
 
 
+@reference
 def fc_fwd(p, x, w, b, y):
     """y = neuron(x @ w + b)."""
     acc = _in(x, (p["N"], p["I"])) @ _in(w, (p["I"], p["O"]))
     _store_summed(p, _out(y, (p["N"], p["O"])), acc, _in(b, (1, p["O"])))
 
 
+@reference
 def fc_bwd_data(p, w, dy, dx):
     """dx (+)= dy @ w.T."""
     g = _in(dy, (p["N"], p["O"])) @ _in(w, (p["I"], p["O"])).T
     _store(_out(dx, (p["N"], p["I"])), g, p)
 
 
+@reference
 def fc_bwd_filter(p, x, dy, dw):
     """dw = x.T @ dy."""
     g = _in(x, (p["N"], p["I"])).T @ _in(dy, (p["N"], p["O"]))
     _store(_out(dw, (p["I"], p["O"])), g, p)
 
 
+@reference
 def neuron_bwd(p, y, g):
     """g *= neuron'(y), the derivative expressed through the output."""
     gv = _out(g, (p["n"],))
     gv *= _neuron_grad(p, _in(y, (p["n"],)))
 
 
+@reference
 def pool_fwd(p, x, y):
     """Max or mean over clipped windows; an empty window gives 0."""
     counts = _pool_counts(p)
@@ -234,6 +242,7 @@ def pool_fwd(p, x, y):
     _store(_out(y, (p["N"], p["C"], p["P"], p["Q"])), r, p)
 
 
+@reference
 def pool_bwd(p, x, y, dy, dx):
     """Route dy to each window's first max pixel (max) or spread it evenly (avg)."""
     N, C, H, W, P, Q, k = (p[key] for key in ("N", "C", "H", "W", "P", "Q", "size"))
@@ -249,6 +258,7 @@ def pool_bwd(p, x, y, dy, dx):
     _store(_out(dx, (N, C, H, W)), _unwindows(cols, H, W, p["start"], p["stride"]), p)
 
 
+@reference
 def softmax_fwd(p, x, y):
     """Row-wise softmax with the row max subtracted first."""
     xv = _in(x, (p["N"], p["C"]))
@@ -256,12 +266,14 @@ def softmax_fwd(p, x, y):
     _store(_out(y, (p["N"], p["C"])), e / e.sum(axis=1, keepdims=True), p)
 
 
+@reference
 def softmax_bwd(p, y, dy, dx):
     """dx (+)= y * (dy - sum_j dy_j y_j)."""
     yv, dyv = _in(y, (p["N"], p["C"])), _in(dy, (p["N"], p["C"]))
     _store(_out(dx, (p["N"], p["C"])), yv * (dyv - (dyv * yv).sum(axis=1, keepdims=True)), p)
 
 
+@reference
 def logreg_fwd(p, labels, probs, loss, correct):
     """loss = -log(probs[label]); correct = the label's probability is finite and fewer than
     top_k classes beat it, a class with a NaN probability counting as beating it."""
@@ -272,6 +284,7 @@ def logreg_fwd(p, labels, probs, loss, correct):
     _store(_out(correct, (p["N"],)), (beaten < p["top_k"]) & np.isfinite(picked), p)
 
 
+@reference
 def logreg_bwd(p, labels, probs, dprobs):
     """dprobs (+)= -coeff / probs at each case's label, 0 elsewhere."""
     pv = _in(probs, (p["N"], p["C"]))
@@ -281,6 +294,7 @@ def logreg_bwd(p, labels, probs, dprobs):
     _store(_out(dprobs, (p["N"], p["C"])), g, p)
 
 
+@reference
 def softmax_logreg_bwd(p, labels, probs, dx):
     """dx (+)= coeff * (probs - onehot(label))."""
     g = np.array(_in(probs, (p["N"], p["C"])), copy=True)
@@ -288,12 +302,14 @@ def softmax_logreg_bwd(p, labels, probs, dx):
     _store(_out(dx, (p["N"], p["C"])), p["coeff"] * g, p)
 
 
+@reference
 def nonfinite(p, x, flag):
     """flag[0] = 1 if x holds a NaN or an infinity; otherwise flag keeps its value."""
     if not np.isfinite(_in(x, (p["n"],))).all():
         flag[0] = 1
 
 
+@reference
 def sgd_update(p, w, dw, inc, lr, momentum, weight_decay, inv_cases):
     """inc = momentum*inc - lr*(dw*inv_cases + weight_decay*w); w += inc."""
     n = p["n"]
@@ -311,11 +327,13 @@ def _neuron_grad_x(params: dict, x: np.ndarray) -> np.ndarray:
     return n.kind.grad_x_np(x, t(n.a), t(n.b))
 
 
+@reference
 def neuron_fwd(p, x, y):
     """y = neuron(x)."""
     _store(_out(y, (p["n"],)), _neuron_fwd(p, _in(x, (p["n"],))), p)
 
 
+@reference
 def neuron_bwd_input(p, x, dy, dx):
     """dx (+)= dy * neuron'(x)."""
     xv = _in(x, (p["n"],))
@@ -324,18 +342,21 @@ def neuron_bwd_input(p, x, dy, dx):
 
 # ------------------------------------------ eltwise sum / max, concat
 
+@reference
 def eltsum_fwd(p, x, y):
     """y (+)= coeff * x."""
     xv = _in(x, (p["n"],))
     _store(_out(y, (p["n"],)), xv.dtype.type(p["coeff"]) * xv, p)
 
 
+@reference
 def eltsum_bwd(p, dy, dx):
     """dx (+)= coeff * dy."""
     dyv = _in(dy, (p["n"],))
     _store(_out(dx, (p["n"],)), dyv.dtype.type(p["coeff"]) * dyv, p)
 
 
+@reference
 def eltmax_fwd(p, x, y, arg):
     """First input: y = x, arg = index; later inputs replace y where strictly larger."""
     n = p["n"]
@@ -349,6 +370,7 @@ def eltmax_fwd(p, x, y, arg):
         av[bigger] = p["index"]
 
 
+@reference
 def eltmax_bwd(p, arg, dy, dx):
     """dx (+)= dy where this input held the maximum first, else 0."""
     n = p["n"]
@@ -356,12 +378,14 @@ def eltmax_bwd(p, arg, dy, dx):
     _store(_out(dx, (n,)), np.where(_in(arg, (n,)) == p["index"], dyv, 0).astype(dyv.dtype), p)
 
 
+@reference
 def concat_fwd(p, x, y):
     """y[:, offset:offset+D] = x, y viewed as [N, D_out]."""
     o = p["offset"]
     _store(_out(y, (p["N"], p["D_out"]))[:, o:o + p["D"]], _in(x, (p["N"], p["D"])), p)
 
 
+@reference
 def concat_bwd(p, dy, dx):
     """dx (+)= dy[:, offset:offset+D]."""
     o = p["offset"]
@@ -370,6 +394,7 @@ def concat_bwd(p, dy, dx):
 
 # ------------------------------------------------------------- costs
 
+@reference
 def onehot(p, labels, targets):
     """targets[n, c] = 1 where c is case n's label, else 0."""
     t = np.zeros((p["N"], p["C"]), dtype=_out(targets, (p["N"] * p["C"],)).dtype)
@@ -377,6 +402,7 @@ def onehot(p, labels, targets):
     _store(_out(targets, (p["N"], p["C"])), t, {})
 
 
+@reference
 def crossent_fwd(p, targets, probs, loss, correct):
     """loss = -sum targets * log(probs); correct = 1/(number of maxima) if a maximal class has a
     positive target and every probability of the case is finite."""
@@ -388,12 +414,14 @@ def crossent_fwd(p, targets, probs, loss, correct):
     _store(_out(correct, (p["N"],)), np.where(hit, 1 / np.maximum(is_max.sum(axis=1), 1), 0), p)
 
 
+@reference
 def crossent_bwd(p, targets, probs, dprobs):
     """dprobs (+)= -coeff * targets / probs."""
     tv, pv = _in(targets, (p["N"], p["C"])), _in(probs, (p["N"], p["C"]))
     _store(_out(dprobs, (p["N"], p["C"])), pv.dtype.type(-p["coeff"]) * tv / pv, p)
 
 
+@reference
 def softmax_crossent_bwd(p, targets, probs, dx):
     """dx (+)= coeff * (probs * sum(targets) - targets)."""
     tv, pv = _in(targets, (p["N"], p["C"])), _in(probs, (p["N"], p["C"]))
@@ -401,12 +429,14 @@ def softmax_crossent_bwd(p, targets, probs, dx):
     _store(_out(dx, (p["N"], p["C"])), pv.dtype.type(p["coeff"]) * g, p)
 
 
+@reference
 def sum2_fwd(p, x, loss):
     """loss[n] = sum of squares of case n's values."""
     xv = _in(x, (p["N"], p["D"]))
     _store(_out(loss, (p["N"],)), (xv * xv).sum(axis=1), p)
 
 
+@reference
 def sum2_bwd(p, x, dx):
     """dx (+)= 2 * coeff * x."""
     xv = _in(x, (p["N"], p["D"]))
@@ -453,14 +483,9 @@ def _spatial_counts(p, dtype) -> np.ndarray:
     return np.outer(_norm_window(p["H"], p["size"]).sum(1), _norm_window(p["W"], p["size"]).sum(1)).astype(dtype)
 
 
-def _add_scale(p: dict, cross_map: bool) -> float:
-    """cuda-convnet2 divides the layer's scale by size (cross-map) or size^2 (same-map)."""
-    return p["scale"] / (p["size"] if cross_map else p["size"] ** 2)
-
-
 def _normalise(p, x4, window_sum_of_squares, cross_map, y, denoms):
     t = x4.dtype.type
-    den = t(p.get("min_div", 1.0)) + t(_add_scale(p, cross_map)) * window_sum_of_squares
+    den = t(p.get("min_div", 1.0)) + t(norm_add_scale(p, cross_map)) * window_sum_of_squares
     _store(_out(denoms, x4.shape), den, {})
     _store(_out(y, x4.shape), x4 * den ** t(-p["pow"]), {})
 
@@ -470,15 +495,17 @@ def _norm_grad(p, x4, dy4, den, cross_map):
     t = x4.dtype.type
     b = dy4 * x4 * den ** t(-p["pow"] - 1)
     s = _cross_map_sum(p, b, True) if cross_map else _spatial_sum(p, b, True)
-    return dy4 * den ** t(-p["pow"]), t(-2 * p["pow"] * _add_scale(p, cross_map)) * s
+    return dy4 * den ** t(-p["pow"]), t(-2 * p["pow"] * norm_add_scale(p, cross_map)) * s
 
 
+@reference
 def cmrnorm_fwd(p, x, y, denoms):
     """Cross-map response normalisation."""
     x4 = _in(x, _img(p))
     _normalise(p, x4, _cross_map_sum(p, x4 * x4), True, y, denoms)
 
 
+@reference
 def cmrnorm_bwd(p, x, dy, denoms, dx):
     """Exact gradient of cmrnorm_fwd."""
     x4 = _in(x, _img(p))
@@ -486,12 +513,14 @@ def cmrnorm_bwd(p, x, dy, denoms, dx):
     _store(_out(dx, _img(p)), direct + x4 * s, p)
 
 
+@reference
 def rnorm_fwd(p, x, y, denoms):
     """Same-map response normalisation over size x size windows."""
     x4 = _in(x, _img(p))
     _normalise(p, x4, _spatial_sum(p, x4 * x4), False, y, denoms)
 
 
+@reference
 def rnorm_bwd(p, x, dy, denoms, dx):
     """Exact gradient of rnorm_fwd."""
     x4 = _in(x, _img(p))
@@ -499,18 +528,21 @@ def rnorm_bwd(p, x, dy, denoms, dx):
     _store(_out(dx, _img(p)), direct + x4 * s, p)
 
 
+@reference
 def cnorm_meandiff(p, x, md):
     """md = x - the mean of x over each pixel's clipped window."""
     x4 = _in(x, _img(p))
     _store(_out(md, _img(p)), x4 - _spatial_sum(p, x4) / _spatial_counts(p, x4.dtype), {})
 
 
+@reference
 def cnorm_fwd(p, x, md, y, denoms):
     """Contrast normalisation: x scaled by the local variance of md."""
     x4, md4 = _in(x, _img(p)), _in(md, _img(p))
     _normalise(p, x4, _spatial_sum(p, md4 * md4), False, y, denoms)
 
 
+@reference
 def cnorm_bwd_prep(p, x, dy, denoms, md):
     """md = -2*pow*scale/size^2 * md * (transposed window sum of dy * x * denoms^(-pow-1))."""
     x4 = _in(x, _img(p))
@@ -519,6 +551,7 @@ def cnorm_bwd_prep(p, x, dy, denoms, md):
     mdv[...] = mdv * s
 
 
+@reference
 def cnorm_bwd(p, dy, denoms, md, dx):
     """dx (+)= dy * denoms^-pow + t - transposed window sum of t / window size."""
     dy4, t4 = _in(dy, _img(p)), _in(md, _img(p))
@@ -539,7 +572,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
     Counters and keys are 32-bit unsigned values (any integer arrays that broadcast);
     returns the four 32-bit output words as uint32 arrays.  The same generator is in
-    runtime/cnnc_rng_{cuda,opencl}.h.
+    runtime/cnnc_rng.h.
     """
     c = [np.asarray(v, dtype=np.uint64) & _U32 for v in np.broadcast_arrays(c0, c1, c2, c3)]
     k = [np.uint64(int(k0) & 0xFFFFFFFF), np.uint64(int(k1) & 0xFFFFFFFF)]
@@ -570,6 +603,7 @@ def dropout_keep_mask(p: dict, seed: int, step: int) -> np.ndarray:
     return (word >> np.uint32(8)) < np.uint32(dropout_threshold(p["keep"]))
 
 
+@reference
 def dropout_fwd(p, x, y, mask, seed, step):
     """Inverted dropout (or dropout2) in training; the matching identity/scaling at test time."""
     xv = _in(x, (p["N"], p["D"]))
@@ -584,6 +618,7 @@ def dropout_fwd(p, x, y, mask, seed, step):
     _store(_out(y, xv.shape), xv * m, {})
 
 
+@reference
 def dropout_bwd(p, mask, dy, dx):
     """dx (+)= dy * mask."""
     _store(_out(dx, (p["n"],)), _in(dy, (p["n"],)) * _in(mask, (p["n"],)), p)
@@ -596,6 +631,7 @@ def _local_w(p: dict, w):
     return _in(w, (p["P"], p["Q"], p["K"], p["C"], p["R"], p["S"]))
 
 
+@reference
 def local_fwd(p, x, w, b, y):
     """y = neuron(b + a convolution whose filters differ at every output position)."""
     acc = np.einsum("ncpqrs,pqkcrs->nkpq", _conv_cols(p, x), _local_w(p, w))
@@ -603,6 +639,7 @@ def local_fwd(p, x, w, b, y):
     _store(_out(y, (p["N"], p["K"], p["P"], p["Q"])), _neuron_fwd(p, acc), p)
 
 
+@reference
 def local_bwd_data(p, w, dy, dx):
     """dx (+)= each position's filters applied transposed to dy, summed back onto the image."""
     dy4 = _in(dy, (p["N"], p["K"], p["P"], p["Q"]))
@@ -611,6 +648,7 @@ def local_bwd_data(p, w, dy, dx):
            _unwindows(cols, p["H"], p["W"], -p["pad"], p["stride"]), p)
 
 
+@reference
 def local_bwd_filter(p, x, dy, dw):
     """dw[pos] = sum over cases of dy at pos times the input window at pos."""
     dy4 = _in(dy, (p["N"], p["K"], p["P"], p["Q"]))
@@ -618,11 +656,13 @@ def local_bwd_filter(p, x, dy, dw):
     _store(_out(dw, (p["P"], p["Q"], p["K"], p["C"], p["R"], p["S"])), g, p)
 
 
+@reference
 def bias_grad_unshared(p, dy, db):
     """db[k, i] = sum over cases of dy viewed as [N, K, inner]."""
     _store(_out(db, (p["K"], p["inner"])), _in(dy, (p["N"], p["K"], p["inner"])).sum(axis=0), p)
 
 
+@reference
 def max_norm(p, w):
     """Scale each unit's incoming weights down to L2 norm wball where they exceed it."""
     e = np.arange(p["length"]) * p["elem_stride"]
@@ -633,6 +673,7 @@ def max_norm(p, w):
             w[idx] *= w.dtype.type(np.sqrt(p["wball"] ** 2 / n2))
 
 
+@reference
 def replica_sum(p, stage, g):
     """g[offset:offset+n] (+)= the R chunks of stage added in order."""
     rows = _in(stage, (p["R"], p["n"]))
@@ -642,16 +683,5 @@ def replica_sum(p, stage, g):
     _store(g[p["offset"]:p["offset"] + p["n"]], total, p)
 
 
-REFERENCE_OPS: dict[str, Callable] = {
-    f.__name__: f
-    for f in [
-        conv_fwd, conv_bwd_data, conv_bwd_filter, bias_grad,
-        fc_fwd, fc_bwd_data, fc_bwd_filter, neuron_bwd,
-        pool_fwd, pool_bwd, softmax_fwd, softmax_bwd,
-        logreg_fwd, logreg_bwd, softmax_logreg_bwd, sgd_update, replica_sum, max_norm, nonfinite,
-        neuron_fwd, neuron_bwd_input, eltsum_fwd, eltsum_bwd, eltmax_fwd, eltmax_bwd,
-        concat_fwd, concat_bwd, onehot, crossent_fwd, crossent_bwd, softmax_crossent_bwd, sum2_fwd, sum2_bwd,
-        cmrnorm_fwd, cmrnorm_bwd, rnorm_fwd, rnorm_bwd, cnorm_meandiff, cnorm_fwd, cnorm_bwd_prep, cnorm_bwd,
-        dropout_fwd, dropout_bwd, local_fwd, local_bwd_data, local_bwd_filter, bias_grad_unshared,
-    ]
-}
+# every op's implementation, registered above with @reference
+REFERENCE_OPS = REFERENCES

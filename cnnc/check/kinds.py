@@ -1,7 +1,8 @@
 """Layer kinds as data: arguments, input counts and shape rules.
 
-Adding a layer kind means adding one row here (plus its kernels in
-cnnc/plan/lowering.py and the templates).  Semantics follow cuda-convnet2.
+This is the layer half of the registry (cnnc/ops.py is the kernel half): each
+row names the ops the kind lowers to, and its PyTorch twin registers itself
+here from cnnc/bench_torch.py.  Semantics follow cuda-convnet2.
 Output sizes use its rounding: conv and local use
 1 + ceil((2*padding + H - size) / stride) (the last window may overhang the
 padded image; it reads zeros there) and pooling 1 + ceil((H - start - size)
@@ -32,7 +33,8 @@ class Param:
     max: float | None = None
     open_min: bool = False         # the value must be greater than `min`, not just at least `min`
     omit_default: bool = False     # kept out of the layer's args while it has its default value, so
-                                   # that a plain layer has the same record (and kernels) as before
+                                   # that a layer leaving it at its default has the same record,
+                                   # kernel names and plan as one that never mentions it
 
 
 class ShapeError(Exception):
@@ -62,9 +64,30 @@ class LayerKind:
     doc: str = ""
     neuron_layer: bool = False         # the layer *is* its neuron: it needs one, of any kind, unfused
     random: bool = False               # draws random numbers: gets a stable `layer_id` argument
+    ops: tuple[str, ...] = ()          # the kernel ops (cnnc/ops.py) its forward and backward run
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def value(self, args: dict, name: str) -> Any:
+        """A layer's argument, or its default where the layer's args leave it out (omit_default)."""
+        return args[name] if name in args else self.param(name).default
+
+
+# kind name -> its PyTorch twin, which cnnc/bench_torch.py registers with @torch_twin as it
+# is imported (so that this module needs no PyTorch)
+TORCH_TWINS: dict[str, Callable] = {}
+
+
+def torch_twin(*kinds: str) -> Callable:
+    """Register the decorated function as the PyTorch twin of these layer kinds."""
+    def register(fn: Callable) -> Callable:
+        for kind in kinds:
+            if kind not in KINDS:
+                raise KeyError(f"{kind} is not a layer kind")
+            TORCH_TWINS[kind] = fn
+        return fn
+    return register
 
 
 def conv_out(size: int, filt: int, stride: int, pad: int) -> int:
@@ -91,7 +114,7 @@ def _filter_output(a: dict, x: Shape) -> tuple[int, int]:
 def _infer_conv(a: dict, ins: tuple[Shape, ...], names: tuple[str, ...]) -> Shape:
     """Every input has its own filters; all use the same size, stride and padding and must
     give outputs of one size, which are summed."""
-    groups = a.get("groups", 1)
+    groups = KINDS["conv"].value(a, "groups")
     if a["filters"] % groups:
         raise ShapeError(f"filters={a['filters']} is not a multiple of groups={groups}", "groups",
                          hint="each group has the same number of filters")
@@ -207,40 +230,60 @@ KINDS: dict[str, LayerKind] = {
             Param("shared_biases", "bool", True, doc="one bias per filter (true) or per filter and position",
                   omit_default=True),
         ) + _INIT, _infer_conv, has_weights=True, takes_neuron=True,
-            doc="2-D convolution; several inputs have a filter bank each and are summed"),
+            doc="2-D convolution; several inputs have a filter bank each and are summed",
+            ops=("conv_fwd", "conv_bwd_data", "conv_bwd_filter", "replica_sum", "bias_grad", "bias_grad_unshared",
+                 "neuron_bwd")),
         LayerKind("local", 1, 1, _FILTER + _INIT, _infer_local, has_weights=True, takes_neuron=True,
-                  doc="locally connected: a convolution with different filters at every position"),
-        LayerKind("maxpool", 1, 1, _POOL, _infer_pool, doc="max pooling"),
-        LayerKind("avgpool", 1, 1, _POOL, _infer_pool, doc="average pooling over the window clipped to the image"),
+                  doc="locally connected: a convolution with different filters at every position",
+                  ops=("local_fwd", "local_bwd_data", "local_bwd_filter", "bias_grad_unshared", "neuron_bwd")),
+        LayerKind("maxpool", 1, 1, _POOL, _infer_pool, doc="max pooling",
+                  ops=("pool_fwd", "pool_bwd")),
+        LayerKind("avgpool", 1, 1, _POOL, _infer_pool, doc="average pooling over the window clipped to the image",
+                  ops=("pool_fwd", "pool_bwd")),
         LayerKind("fc", 1, None, (Param("outputs", "int", REQUIRED, 1),) + _INIT, _infer_fc,
                   has_weights=True, takes_neuron=True,
-                  doc="fully connected; several inputs have a weight matrix each and are summed"),
+                  doc="fully connected; several inputs have a weight matrix each and are summed",
+                  ops=("fc_fwd", "fc_bwd_data", "fc_bwd_filter", "bias_grad", "neuron_bwd")),
         LayerKind("cmrnorm", 1, 1, _NORM + (
             Param("blocked", "bool", False, doc="windows are fixed blocks of `size` channels",
                   omit_default=True),), _same,
-                  doc="cross-map response normalisation"),
-        LayerKind("rnorm", 1, 1, _NORM, _same, doc="response normalisation over size x size pixels"),
+                  doc="cross-map response normalisation",
+                  ops=("cmrnorm_fwd", "cmrnorm_bwd")),
+        LayerKind("rnorm", 1, 1, _NORM, _same, doc="response normalisation over size x size pixels",
+                  ops=("rnorm_fwd", "rnorm_bwd")),
         LayerKind("cnorm", 1, 1, _NORM, _same,
-                  doc="contrast normalisation: rnorm of the difference from the local mean"),
+                  doc="contrast normalisation: rnorm of the difference from the local mean",
+                  ops=("cnorm_meandiff", "cnorm_fwd", "cnorm_bwd_prep", "cnorm_bwd")),
         LayerKind("neuron", 1, 1, (), _same, neuron_layer=True,
-                  doc="a neuron as a layer of its own: neuron(x) abs"),
+                  doc="a neuron as a layer of its own: neuron(x) abs",
+                  ops=("neuron_fwd", "neuron_bwd_input")),
         LayerKind("dropout", 1, 1, _KEEP, _same, random=True,
-                  doc="inverted dropout: kept values are scaled by 1/keep in training"),
+                  doc="inverted dropout: kept values are scaled by 1/keep in training",
+                  ops=("dropout_fwd", "dropout_bwd")),
         LayerKind("dropout2", 1, 1, _KEEP, _same, random=True,
-                  doc="dropout that scales by keep at test time instead"),
+                  doc="dropout that scales by keep at test time instead",
+                  ops=("dropout_fwd", "dropout_bwd")),
         LayerKind("eltsum", 2, None, (Param("coeffs", "floats", None, doc="one coefficient per input, "
                                             "all 1 by default"),), _infer_elementwise,
-                  doc="element-wise weighted sum"),
-        LayerKind("eltmax", 2, None, (), _infer_elementwise, doc="element-wise maximum"),
-        LayerKind("concat", 2, None, (), _infer_concat, doc="concatenation along the channels"),
-        LayerKind("pass", 1, 1, (), _same, doc="identity"),
-        LayerKind("softmax", 1, 1, (), _infer_softmax, doc="softmax over all of the input's values"),
+                  doc="element-wise weighted sum",
+                  ops=("eltsum_fwd", "eltsum_bwd")),
+        LayerKind("eltmax", 2, None, (), _infer_elementwise, doc="element-wise maximum",
+                  ops=("eltmax_fwd", "eltmax_bwd")),
+        LayerKind("concat", 2, None, (), _infer_concat, doc="concatenation along the channels",
+                  ops=("concat_fwd", "concat_bwd")),
+        LayerKind("pass", 1, 1, (), _same, doc="identity",
+                  ops=("eltsum_fwd", "eltsum_bwd")),
+        LayerKind("softmax", 1, 1, (), _infer_softmax, doc="softmax over all of the input's values",
+                  ops=("softmax_fwd", "softmax_bwd")),
         LayerKind("logreg", 2, 2, (Param("coeff", "float", 1.0), Param("top_k", "int", 1, 1)),
                   _infer_cost, input_kinds="labels+probs", is_cost=True,
-                  doc="multinomial logistic regression cost: inputs (labels, probs)"),
+                  doc="multinomial logistic regression cost: inputs (labels, probs)",
+                  ops=("logreg_fwd", "logreg_bwd", "softmax_logreg_bwd")),
         LayerKind("crossent", 2, 2, (Param("coeff", "float", 1.0),), _infer_cost, input_kinds="labels+probs",
-                  is_cost=True, doc="cross-entropy cost of probabilities (a softmax) against one-hot labels"),
+                  is_cost=True, doc="cross-entropy cost of probabilities (a softmax) against one-hot labels",
+                  ops=("onehot", "crossent_fwd", "crossent_bwd", "softmax_crossent_bwd")),
         LayerKind("sum2", 1, 1, (Param("coeff", "float", 1.0),), _infer_cost, is_cost=True,
-                  doc="sum-of-squares cost: coeff times the sum of the input's squared values"),
+                  doc="sum-of-squares cost: coeff times the sum of the input's squared values",
+                  ops=("sum2_fwd", "sum2_bwd")),
     ]
 }

@@ -4,6 +4,8 @@ Templates are written once against a dialect object, tinygrad-style; a new
 target is a new row here, not a new set of templates.  Tile shapes differ by
 target too (a GPU wants 256 threads of 4x4 register tiles, PoCL on a CPU
 wants fewer, fatter work-items), so each dialect carries its GEMM defaults.
+Templates and neuron expressions name C's math functions through
+`Dialect.math`, so each target gets its own spelling of them.
 """
 from __future__ import annotations
 
@@ -20,13 +22,18 @@ class Dialect:
     restrict: str
     shared: str                  # address space of work-group memory
     barrier: str
-    fma: str
     unroll: str
     # GEMM tiling defaults for this target: block tile, thread tile, K step
     gemm_block: tuple[int, int, int]
     gemm_thread: tuple[int, int]
     threads_1d: int              # work-group size of element-wise kernels
     reduce_threads: int          # work-group size of reductions (power of two)
+    float_suffix: str            # single-precision math is C's function name with this suffix
+
+    def math(self, name: str) -> str:
+        """This target's single-precision spelling of C math function `name` (exp, fmax, ...):
+        CUDA's overloads for float exist in C++ only as expf, fmaxf, ...; OpenCL's are generic."""
+        return name + self.float_suffix
 
     def local_id(self, dim: int) -> str:
         return f"threadIdx.{'xyz'[dim]}" if self.name == "cuda" else f"(int)get_local_id({dim})"
@@ -52,15 +59,15 @@ class Dialect:
 CUDA = Dialect(
     name="cuda", extension="cu", prelude="cnnc_cuda.h",
     kernel='extern "C" __global__ void', global_ptr="", restrict="__restrict__",
-    shared="__shared__", barrier="__syncthreads();", fma="fmaf", unroll="#pragma unroll",
-    gemm_block=(64, 64, 16), gemm_thread=(4, 4), threads_1d=256, reduce_threads=256,
+    shared="__shared__", barrier="__syncthreads();", unroll="#pragma unroll",
+    gemm_block=(64, 64, 16), gemm_thread=(4, 4), threads_1d=256, reduce_threads=256, float_suffix="f",
 )
 
 OPENCL = Dialect(
     name="opencl", extension="cl", prelude="cnnc_opencl.h",
     kernel="__kernel void", global_ptr="__global", restrict="restrict",
-    shared="__local", barrier="barrier(CLK_LOCAL_MEM_FENCE);", fma="fma", unroll="#pragma unroll",
-    gemm_block=(64, 128, 16), gemm_thread=(8, 16), threads_1d=64, reduce_threads=64,
+    shared="__local", barrier="barrier(CLK_LOCAL_MEM_FENCE);", unroll="#pragma unroll",
+    gemm_block=(64, 128, 16), gemm_thread=(8, 16), threads_1d=64, reduce_threads=64, float_suffix="",
 )
 
 DIALECTS = {d.name: d for d in (CUDA, OPENCL)}

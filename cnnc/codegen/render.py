@@ -17,36 +17,9 @@ from cnnc.codegen.dialect import Dialect
 from cnnc.diagnostics import CompileError, Diagnostic, Span, source_lines
 from cnnc.frontend.ast import FLOAT32_MAX
 from cnnc.neurons import Neuron
-from cnnc.ops import INT_BUFFERS, OPS, Role, dropout_threshold
+from cnnc.ops import INT_BUFFERS, OPS, Role, dropout_threshold, norm_add_scale, param
 from cnnc.plan.schedule import Kernel
 from cnnc.resources import resource_dir
-
-FAMILY = {
-    "conv_fwd": "conv", "conv_bwd_data": "conv", "conv_bwd_filter": "conv",
-    "fc_fwd": "fc", "fc_bwd_data": "fc", "fc_bwd_filter": "fc",
-    "pool_fwd": "pool", "pool_bwd": "pool",
-    "bias_grad": "reduce",
-    "neuron_bwd": "elementwise", "sgd_update": "elementwise", "replica_sum": "elementwise", "max_norm": "elementwise",
-    "nonfinite": "elementwise",
-    "softmax_fwd": "softmax", "softmax_bwd": "softmax", "logreg_fwd": "softmax", "logreg_bwd": "softmax",
-    "softmax_logreg_bwd": "softmax",
-    "neuron_fwd": "eltwise", "neuron_bwd_input": "eltwise",
-    "eltsum_fwd": "eltwise", "eltsum_bwd": "eltwise", "eltmax_fwd": "eltwise", "eltmax_bwd": "eltwise",
-    "concat_fwd": "eltwise", "concat_bwd": "eltwise", "dropout_fwd": "eltwise", "dropout_bwd": "eltwise",
-    "bias_grad_unshared": "eltwise",
-    "onehot": "cost", "crossent_fwd": "cost", "crossent_bwd": "cost", "softmax_crossent_bwd": "cost",
-    "sum2_fwd": "cost", "sum2_bwd": "cost",
-    "cmrnorm_fwd": "norm", "cmrnorm_bwd": "norm", "rnorm_fwd": "norm", "rnorm_bwd": "norm",
-    "cnorm_meandiff": "norm", "cnorm_fwd": "norm", "cnorm_bwd_prep": "norm", "cnorm_bwd": "norm",
-    "local_fwd": "local", "local_bwd_filter": "local", "local_bwd_data": "local_data",
-}
-
-# families whose kernels are tiled GEMMs (templates extending gemm.j2)
-GEMM_FAMILIES = ("conv", "fc", "local")
-
-# CUDA spells single-precision math with an f suffix; a // comment is matched whole so
-# that what it echoes is never rewritten
-_MATH = re.compile(r"//[^\n]*|\b(exp|log|tanh|fmax|fmin|fabs|sqrt|fma|pow)\(")
 
 # C identifiers: what a kernel name must be, since it is spliced into code
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -94,7 +67,7 @@ def lit(v: float) -> str:
     return text + "f" if ("." in text or "e" in text or "inf" in text) else text + ".0f"
 
 
-def power(base: str, exponent: float) -> str:
+def power(base: str, exponent: float, d: Dialect) -> str:
     """C for base**exponent, a compile-time constant exponent: the exponents normalisation
     layers use (cuda-convnet2's pow = 0.75, and 0.5) become square roots, which are exact to
     the last bit and far cheaper than a general pow."""
@@ -102,17 +75,20 @@ def power(base: str, exponent: float) -> str:
     if quarter == int(quarter) and -12 <= quarter <= 12 and quarter != 0:
         n = abs(int(quarter))
         whole, rest = divmod(n, 4)
-        factors = [base] * whole + (["sqrt(" + base + ")"] if rest >= 2 else []) + \
-            (["sqrt(sqrt(" + base + "))"] if rest % 2 else [])
+        sqrt = d.math("sqrt")
+        factors = [base] * whole + ([f"{sqrt}({base})"] if rest >= 2 else []) + \
+            ([f"{sqrt}({sqrt}({base}))"] if rest % 2 else [])
         product = " * ".join(factors)
         return f"(1.0f / ({product}))" if exponent < 0 else f"({product})"
-    return f"pow({base}, {lit(exponent)})"
+    return f"{d.math('pow')}({base}, {lit(exponent)})"
 
 
-def neuron_expr(neuron: Neuron, template: str, var: str, param_var: str) -> str:
-    """Instantiate a neuron's C expression: parameters become literals, the variable is renamed."""
+def neuron_expr(neuron: Neuron, template: str, var: str, param_var: str, d: Dialect) -> str:
+    """Instantiate a neuron's C expression: parameters become literals, the variable is renamed
+    and the functions it calls, all C math functions, take the dialect's names."""
     expr = re.sub(r"\ba\b", lit(neuron.a), template)
     expr = re.sub(r"\bb\b", lit(neuron.b), expr)
+    expr = re.sub(r"\b([a-z]\w*)\(", lambda m: d.math(m.group(1)) + "(", expr)
     return re.sub(rf"\b{param_var}\b", var, expr)
 
 
@@ -175,80 +151,19 @@ def choose_tiles(M: int, N: int, K: int, d: Dialect) -> Tiles:
     return Tiles(BM, BN, BK, TM, TN)
 
 
-def gemm_shape(op: str, p: dict) -> dict:
-    """GEMM dimensions and which index is contiguous in memory for each operand.
-
-    ``batch`` (when present) is a number of independent GEMMs of that shape, one per
-    grid z index: the groups of a grouped convolution, the positions of a local layer.
-    """
-    G = p.get("groups", 1) if op.startswith("conv") else 1
-    if G > 1:
-        Cg, Kg = p["C"] // G, p["K"] // G
-        if op == "conv_fwd":
-            return dict(M=Kg, N=p["N"] * p["P"] * p["Q"], K=Cg * p["R"] * p["S"], a_fast="k", b_fast="n", batch=G)
-        if op == "conv_bwd_data":
-            return dict(M=Cg, N=p["N"] * p["H"] * p["W"], K=Kg * p["R"] * p["S"], a_fast="k", b_fast="n", batch=G)
-        if op == "conv_bwd_filter":
-            return dict(M=Kg, N=Cg * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k", batch=G)
-    if op == "conv_fwd":
-        return dict(M=p["K"], N=p["N"] * p["P"] * p["Q"], K=p["C"] * p["R"] * p["S"], a_fast="k", b_fast="n")
-    if op == "conv_bwd_data":
-        return dict(M=p["C"], N=p["N"] * p["H"] * p["W"], K=p["K"] * p["R"] * p["S"], a_fast="k", b_fast="n")
-    if op == "conv_bwd_filter":
-        g = dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"] * p["P"] * p["Q"], a_fast="k", b_fast="k")
-        if p.get("split", 1) > 1:      # split-K: grid z = slice of the reduction, partial sums apart
-            g.update(batch=p["split"], split=p["split"], split_k=p["split_k"])
-        return g
-    if op == "local_fwd":          # one GEMM per output position (grid z)
-        return dict(M=p["K"], N=p["N"], K=p["C"] * p["R"] * p["S"], a_fast="k", b_fast="k",
-                    batch=p["P"] * p["Q"])
-    if op == "local_bwd_filter":
-        return dict(M=p["K"], N=p["C"] * p["R"] * p["S"], K=p["N"], a_fast="m", b_fast="n",
-                    batch=p["P"] * p["Q"])
-    if op == "fc_fwd":
-        return dict(M=p["N"], N=p["O"], K=p["I"], a_fast="k", b_fast="n")
-    if op == "fc_bwd_data":
-        return dict(M=p["N"], N=p["I"], K=p["O"], a_fast="k", b_fast="k")
-    if op == "fc_bwd_filter":
-        return dict(M=p["I"], N=p["O"], K=p["N"], a_fast="m", b_fast="n")
-    raise KeyError(op)
-
-
-def _elements(op: str, p: dict) -> int:
-    """How many threads an element-per-thread kernel needs."""
-    if op == "max_norm":
-        return p["units"]
-    if op == "pool_fwd":
-        return p["N"] * p["C"] * p["P"] * p["Q"]
-    if op == "pool_bwd":
-        return p["N"] * p["C"] * p["H"] * p["W"]
-    if op in ("neuron_bwd", "sgd_update", "replica_sum", "nonfinite", "neuron_fwd", "neuron_bwd_input",
-              "eltsum_fwd", "eltsum_bwd", "eltmax_fwd", "eltmax_bwd", "dropout_bwd"):
-        return p["n"]
-    if op in ("concat_fwd", "concat_bwd", "dropout_fwd", "sum2_bwd"):
-        return p["N"] * p["D"]
-    if op == "onehot":
-        return p["N"] * p["C"]
-    if op == "bias_grad_unshared":
-        return p["K"] * p["inner"]
-    if FAMILY.get(op) in ("norm", "local_data"):
-        return p["N"] * p["C"] * p["H"] * p["W"]
-    return p["N"]                          # softmax / cost: one thread per case
-
-
 def geometry(k: Kernel, d: Dialect) -> tuple[dict, object]:
     """(launch = {"grid": [...], "block": [...]}, tiles-or-threads object for the template)."""
-    family = FAMILY[k.op]
-    if family in GEMM_FAMILIES:
-        g = gemm_shape(k.op, k.params)
+    spec = OPS[k.op]
+    if spec.gemm:
+        g = spec.gemm(k.params)
         t = choose_tiles(g["M"], g["N"], g["K"], d)
         grid = [-(-g["N"] // t.BN), -(-g["M"] // t.BM), g.get("batch", 1)]
         return {"grid": grid, "block": [t.threads, 1, 1]}, t
-    if family == "reduce":
+    if spec.family == "reduce":
         n = d.reduce_threads
-        return {"grid": [k.params["K"], 1, 1], "block": [n, 1, 1]}, _Threads(n)
+        return {"grid": [spec.elements(k.params), 1, 1], "block": [n, 1, 1]}, _Threads(n)
     n = d.threads_1d
-    return {"grid": [-(-_elements(k.op, k.params) // n), 1, 1], "block": [n, 1, 1]}, _Threads(n)
+    return {"grid": [-(-spec.elements(k.params) // n), 1, 1], "block": [n, 1, 1]}, _Threads(n)
 
 
 @dataclass(frozen=True)
@@ -278,8 +193,9 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         raise ValueError(f"kernel name {k.name!r} is not a C identifier")
     launch, t = geometry(k, d)
     notes = []
-    if FAMILY[k.op] in GEMM_FAMILIES:
-        g = gemm_shape(k.op, k.params)
+    spec = OPS[k.op]
+    if spec.gemm:
+        g = spec.gemm(k.params)
         notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
                      f"{t.TM}x{t.TN} per thread, {t.threads} threads")
         if g.get("split", 1) > 1:
@@ -294,10 +210,10 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
     ctx = dict(
         k=k, p=_Params(k.params), d=d, t=t, g=_Params(g), signature=signature(k.op, d), notes=notes,
         file=file, source_line=source_line, lit=lit,
-        neuron_fwd=lambda var: neuron_expr(neuron, neuron.kind.forward_c, var, "x"),
-        neuron_grad=lambda var: neuron_expr(neuron, neuron.kind.grad_c, var, "y"),
-        neuron_grad_x=lambda var: neuron_expr(neuron, neuron.kind.grad_x_c, var, "x"),
-        power=power,
+        neuron_fwd=lambda var: neuron_expr(neuron, neuron.kind.forward_c, var, "x", d),
+        neuron_grad=lambda var: neuron_expr(neuron, neuron.kind.grad_c, var, "y", d),
+        neuron_grad_x=lambda var: neuron_expr(neuron, neuron.kind.grad_x_c, var, "x", d),
+        power=lambda base, exponent: power(base, exponent, d), norm_add_scale=norm_add_scale, param=param,
         runtime_text=lambda name: (resource_dir("runtime") / name).read_text(),
         threshold=dropout_threshold(k.params["keep"]) if "keep" in k.params else None,
         summed=k.params.get("accumulate", False) or not k.params.get("bias", True),
@@ -305,13 +221,11 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         global_case=lambda var: global_case(k.params, var),
     )
     try:
-        text = _env().get_template(f"{FAMILY[k.op]}.j2").render(**ctx)
+        text = _env().get_template(f"{spec.family}.j2").render(**ctx)
     except ConstantRangeError as e:
         raise CompileError(Diagnostic(f"layer '{k.layer}' needs the constant {e.args[0]:g} in its kernel "
                                       f"{k.name}, more than a 32-bit float holds", file,
                                       Span.point(k.line, 1) if k.line else None)) from None
-    if d.name == "cuda":
-        text = _MATH.sub(lambda m: f"{m.group(1)}f(" if m.group(1) else m.group(), text)
     return text, launch
 
 

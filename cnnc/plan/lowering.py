@@ -3,7 +3,8 @@
 The planner decides *where* and *when* (devices, passes, copies, exchanges);
 this module decides *what runs*: for each layer kind, the ops of cnnc/ops.py
 with their compile-time parameters, and the parameters (weights) the kind
-owns.  Adding a layer kind is a row in cnnc/check/kinds.py plus a row here.
+owns.  The kinds, their arguments and the ops they lower to are the registry's
+(cnnc/check/kinds.py, cnnc/ops.py); a new kind adds its functions to FORWARD and BACKWARD.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 from cnnc.check.kinds import KINDS
 from cnnc.ir import Layer
 from cnnc.neurons import Neuron
+from cnnc.ops import param
 
 
 @dataclass
@@ -49,9 +51,9 @@ def parameter_shapes(l: Layer) -> dict[str, tuple[int, ...]]:
     biases [filters, rows, columns]; fc: [inputs, outputs] per input, biases [outputs]."""
     out = l.shape
     if l.kind == "conv":
-        size, groups = l.args["size"], l.args.get("groups", 1)
+        size, groups = l.args["size"], KINDS["conv"].value(l.args, "groups")
         shapes = [(out.channels, x.channels // groups, size, size) for x in l.in_shapes]
-        biases = (out.channels,) if l.args.get("shared_biases", True) else (out.channels, out.height, out.width)
+        biases = (out.channels,) if shared_biases(l) else (out.channels, out.height, out.width)
     elif l.kind == "local":
         size, x = l.args["size"], l.in_shapes[0]
         shapes = [(out.height * out.width, out.channels, x.channels, size, size)]
@@ -86,22 +88,21 @@ def weight_names(l: Layer) -> list[str]:
 
 def shared_biases(l: Layer) -> bool:
     """One bias per filter or output (true), or one per filter and output position."""
-    return l.kind == "fc" or (l.kind == "conv" and l.args.get("shared_biases", True))
+    return l.kind == "fc" or (l.kind == "conv" and KINDS["conv"].value(l.args, "shared_biases"))
 
 
 # ---------------------------------------------------------------- shapes of ops
 
 def conv_params(l: Layer, i: int, cases: int) -> dict:
     """The op params of a conv (or local) layer's input i; groups and unshared biases only when
-    the layer has them, so a plain convolution's kernels stay the plain ones."""
+    the layer has them (its args leave out arguments at their defaults), so a plain
+    convolution's kernels stay the plain ones."""
     x = l.in_shapes[i]
     q = dict(N=cases, C=x.channels, H=x.height, W=x.width, K=l.shape.channels, R=l.args["size"],
              S=l.args["size"], P=l.shape.height, Q=l.shape.width, stride=l.args["stride"], pad=l.args["padding"])
-    if l.kind == "conv":
-        if l.args.get("groups", 1) != 1:
-            q["groups"] = l.args["groups"]
-        if not l.args.get("shared_biases", True):
-            q["shared_biases"] = False
+    for name in ("groups", "shared_biases"):
+        if name in l.args:
+            q[name] = l.args[name]
     return q
 
 
@@ -124,8 +125,8 @@ def norm_params(l: Layer, cases: int) -> dict:
     x = l.in_shapes[0]
     q = dict(N=cases, C=x.channels, H=x.height, W=x.width, size=l.args["size"], scale=l.args["scale"],
              pow=l.args["pow"], min_div=l.args["min_div"])
-    if l.args.get("blocked", False):
-        q["blocked"] = True
+    if "blocked" in l.args:
+        q["blocked"] = l.args["blocked"]
     return q
 
 
@@ -133,7 +134,7 @@ def _gemm_shape_tag(op_params: dict, kind: str) -> str:
     q = op_params
     if kind in ("conv", "local"):
         tag = f"n{q['N']}_c{q['C']}_k{q['K']}_{q['R']}x{q['S']}"
-        if q.get("groups", 1) != 1:
+        if param(q, "groups") != 1:
             tag += f"_g{q['groups']}"
         return tag
     return f"n{q['N']}_i{q['I']}_o{q['O']}"
@@ -167,7 +168,7 @@ def forward_weighted(site: Site) -> None:
             what = "filters" if kind == "conv" else "filters per position"
             summary = (f"forward of {l.name}: {q['K']} {what} {q['R']}x{q['S']} over {q['C']}x{q['H']}x{q['W']}, "
                        f"stride {q['stride']}, padding {q['pad']}, {neuron}")
-            if q.get("groups", 1) != 1:
+            if param(q, "groups") != 1:
                 summary += f", {q['groups']} groups"
             if not shared_biases(l) and kind == "conv":
                 summary += ", unshared biases"
@@ -386,22 +387,28 @@ def weight_gradients(site: Site, dy: str, accumulate: bool) -> None:
 # Split-K for convolution weight gradients: a GEMM with few output tiles (filters x C*R*S) and a
 # long reduction (cases x output pixels) would occupy only a few SMs; cutting the reduction into
 # slices gives every slice its own work-groups, and the partial sums are added in a fixed order
-# (no atomics), so results stay deterministic.
+# (no atomics), so results stay deterministic.  The split is part of the plan, shared by every
+# target, so it is decided here from the GEMM's shape alone, with constants of its own rather than
+# any target's tile sizes: codegen then tiles each slice as it tiles any GEMM.
 SPLIT_TARGET_GROUPS = 160       # enough work-groups for every SM of a current GPU
 SPLIT_MIN_SLICE = 1024          # below this many summed positions per slice, splitting does not pay
+SPLIT_MAX = 64                  # at most this many slices (and partial sums to store and add)
+SPLIT_TILE = 64                 # the output tile edge assumed when counting the GEMM's work-groups
+SPLIT_ALIGN = 16                # slices are multiples of this many positions: whole K steps of every
+                                # target's tiling (each dialect's K step divides it)
 
 
 def split_k_for(l: Layer, q: dict) -> tuple[int, int]:
     """(slices, positions per slice) for a conv layer's weight gradient; (1, 0) when not worth it."""
-    if l.kind != "conv" or q.get("groups", 1) != 1:
+    if l.kind != "conv" or param(q, "groups") != 1:
         return 1, 0
     reduction = q["N"] * q["P"] * q["Q"]
-    tiles = -(-q["K"] // 64) * -(-(q["C"] * q["R"] * q["S"]) // 64)
-    split = min(64, -(-SPLIT_TARGET_GROUPS // tiles), reduction // SPLIT_MIN_SLICE)
+    tiles = -(-q["K"] // SPLIT_TILE) * -(-(q["C"] * q["R"] * q["S"]) // SPLIT_TILE)
+    split = min(SPLIT_MAX, -(-SPLIT_TARGET_GROUPS // tiles), reduction // SPLIT_MIN_SLICE)
     if split < 2:
         return 1, 0
     split_k = -(-reduction // split)
-    split_k = -(-split_k // 16) * 16                 # whole BK steps per slice
+    split_k = -(-split_k // SPLIT_ALIGN) * SPLIT_ALIGN
     return -(-reduction // split_k), split_k
 
 

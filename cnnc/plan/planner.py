@@ -1,6 +1,6 @@
 """Plan stage: checked Network → :class:`~cnnc.plan.schedule.Plan`.
 
-Parallelism follows cuda-convnet2 (DESIGN §3):
+Parallelism follows cuda-convnet2:
 
 * A layer placed on R devices has R replicas.  The minibatch is cut into
   S = max(R) equal *shares*; replica j of a layer with R replicas handles

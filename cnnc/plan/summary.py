@@ -11,28 +11,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from cnnc.ops import OPS
 from cnnc.plan.memory import storage_bytes
 from cnnc.plan.schedule import Kernel, Op, Plan
 
 
 def kernel_flops(k: Kernel) -> int:
-    """Floating-point operations of one launch (multiply-add = 2)."""
-    p = k.params
-    if k.op.startswith("conv_"):
-        return 2 * p["N"] * p["K"] * p["P"] * p["Q"] * p["C"] * p["R"] * p["S"] // p.get("groups", 1)
-    if k.op.startswith("local_"):
-        return 2 * p["N"] * p["K"] * p["P"] * p["Q"] * p["C"] * p["R"] * p["S"]
-    if k.op.startswith("fc_"):
-        return 2 * p["N"] * p["I"] * p["O"]
-    if k.op in ("pool_fwd", "pool_bwd"):
-        return p["N"] * p["C"] * p["P"] * p["Q"] * p["size"] * p["size"]
-    if k.op == "bias_grad":
-        return p["N"] * p["K"] * p["inner"]
-    if k.op == "sgd_update":
-        return 6 * p["n"]
-    if "n" in p:
-        return p["n"] * p.get("R", 1)
-    return 4 * p.get("N", 0) * p.get("C", 1)
+    """Floating-point operations of one launch (multiply-add = 2), as the op registry counts them."""
+    return OPS[k.op].flops(k.params)
 
 
 def _describe(op: Op, plan: Plan, resources: dict) -> dict:
@@ -40,7 +26,8 @@ def _describe(op: Op, plan: Plan, resources: dict) -> dict:
     if op.kind == "launch":
         k = plan.kernels[op.kernel]
         row.update(kernel=k.name, kernel_op=k.op, layer=k.layer, line=k.line, args=list(op.args),
-                   flops=kernel_flops(k), launch=k.launch, resources=resources.get(k.name, {}))
+                   flops=kernel_flops(k), bytes_accessed=OPS[k.op].bytes_moved(k.params), launch=k.launch,
+                   resources=resources.get(k.name, {}))
     elif op.kind == "copy":
         row.update(src=op.src, dst=op.dst, bytes=4 * op.count, src_device=plan.buffers[op.src].device)
     elif op.kind == "upload":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from numbers import Real
-from typing import Any, Callable
+from typing import Any
 
 from cnnc.ir import Schedule
 from cnnc.ops import OPS, Role
@@ -26,78 +26,6 @@ COUNTERS = ("seed", "step")          # the executor's named integer scalars
 
 class PlanError(ValueError):
     """A plan that is inconsistent with itself; the message says where."""
-
-
-def _conv_sizes(p: dict) -> dict[str, int]:
-    groups = p.get("groups", 1)
-    n, c, h, w, k, r, s, pp, q = (p[x] for x in ("N", "C", "H", "W", "K", "R", "S", "P", "Q"))
-    bias = k if p.get("shared_biases", True) else k * pp * q
-    return dict(x=n * c * h * w, dx=n * c * h * w, w=k * (c // groups) * r * s, b=bias,
-                y=n * k * pp * q, dy=n * k * pp * q,
-                dw=k * (c // groups) * r * s * max(p.get("split", 1), 1))     # split-K: one slice each
-
-
-def _local_sizes(p: dict) -> dict[str, int]:
-    n, c, h, w, k, r, s, pp, q = (p[x] for x in ("N", "C", "H", "W", "K", "R", "S", "P", "Q"))
-    return dict(x=n * c * h * w, dx=n * c * h * w, w=pp * q * k * c * r * s, dw=pp * q * k * c * r * s,
-                b=k * pp * q, y=n * k * pp * q, dy=n * k * pp * q)
-
-
-def _image(p: dict) -> int:
-    return p["N"] * p["C"] * p["H"] * p["W"]
-
-
-def _fc(p: dict) -> dict[str, int]:
-    return dict(x=p["N"] * p["I"], dx=p["N"] * p["I"], w=p["I"] * p["O"], dw=p["I"] * p["O"], b=p["O"],
-                y=p["N"] * p["O"], dy=p["N"] * p["O"])
-
-
-def _flat(p: dict) -> dict[str, int]:
-    return {a: p["n"] for a in ("x", "y", "g", "dy", "dx", "arg", "mask", "w", "dw", "inc")}
-
-
-def _norm(p: dict) -> dict[str, int]:
-    return {a: _image(p) for a in ("x", "y", "dy", "dx", "denoms", "md")}
-
-
-def _classes(p: dict) -> dict[str, int]:
-    nc = p["N"] * p["C"]
-    return dict(labels=p["N"], loss=p["N"], correct=p["N"], probs=nc, dprobs=nc, targets=nc, x=nc, y=nc,
-                dy=nc, dx=nc)
-
-
-def _max_norm(p: dict) -> dict[str, int]:
-    if p["units"] < 1 or p["length"] < 1:
-        return {"w": 0}
-    return {"w": (p["units"] - 1) * p["unit_stride"] + (p["length"] - 1) * p["elem_stride"] + 1}
-
-
-# Elements each buffer argument of an op reaches, from the op's params, as the layouts in
-# cnnc/ops.py lay them out.  The planner sizes every buffer to exactly that, except the
-# arguments in WINDOWS, which reach a part of a larger buffer.
-ARGUMENT_SIZES: dict[str, Callable[[dict], dict[str, int]]] = {
-    **dict.fromkeys(("conv_fwd", "conv_bwd_data", "conv_bwd_filter"), _conv_sizes),
-    **dict.fromkeys(("local_fwd", "local_bwd_data", "local_bwd_filter"), _local_sizes),
-    **dict.fromkeys(("fc_fwd", "fc_bwd_data", "fc_bwd_filter"), _fc),
-    "bias_grad": lambda p: dict(dy=p["N"] * p["K"] * p["inner"], db=p["K"]),
-    "bias_grad_unshared": lambda p: dict(dy=p["N"] * p["K"] * p["inner"], db=p["K"] * p["inner"]),
-    **dict.fromkeys(("neuron_bwd", "neuron_fwd", "neuron_bwd_input", "eltsum_fwd", "eltsum_bwd", "eltmax_fwd",
-                     "eltmax_bwd", "dropout_bwd", "sgd_update"), _flat),
-    **dict.fromkeys(("pool_fwd", "pool_bwd"), lambda p: dict(
-        x=_image(p), dx=_image(p), y=p["N"] * p["C"] * p["P"] * p["Q"], dy=p["N"] * p["C"] * p["P"] * p["Q"])),
-    **dict.fromkeys(("softmax_fwd", "softmax_bwd", "logreg_fwd", "logreg_bwd", "softmax_logreg_bwd", "onehot",
-                     "crossent_fwd", "crossent_bwd", "softmax_crossent_bwd"), _classes),
-    "concat_fwd": lambda p: dict(x=p["N"] * p["D"], y=p["N"] * p["D_out"]),
-    "concat_bwd": lambda p: dict(dx=p["N"] * p["D"], dy=p["N"] * p["D_out"]),
-    **dict.fromkeys(("sum2_fwd", "sum2_bwd"), lambda p: dict(x=p["N"] * p["D"], dx=p["N"] * p["D"], loss=p["N"])),
-    **dict.fromkeys(("cmrnorm_fwd", "cmrnorm_bwd", "rnorm_fwd", "rnorm_bwd", "cnorm_meandiff", "cnorm_fwd",
-                     "cnorm_bwd_prep", "cnorm_bwd"), _norm),
-    "dropout_fwd": lambda p: {a: p["N"] * p["D"] for a in ("x", "y", "mask")},
-    "replica_sum": lambda p: dict(stage=p["R"] * p["n"], g=p["offset"] + p["n"]),
-    "max_norm": _max_norm,
-    "nonfinite": lambda p: dict(x=p["n"], flag=1),
-}
-WINDOWS = {("replica_sum", "g"), ("nonfinite", "flag")}
 
 
 def _is_int(v: Any) -> bool:
@@ -184,10 +112,10 @@ def _check_kernel(k) -> None:
 
 
 def _sizes(k) -> dict[str, int]:
-    """Elements each buffer argument of kernel `k` needs (at least one for an op without a
-    size rule); raises PlanError on params of the wrong type."""
+    """Elements each buffer argument of kernel `k` needs, by the op registry's rule; raises
+    PlanError on params of the wrong type."""
     try:
-        sizes = ARGUMENT_SIZES[k.op](k.params) if k.op in ARGUMENT_SIZES else {}
+        sizes = OPS[k.op].sizes(k.params)
     except (KeyError, TypeError):
         raise PlanError(f"kernel {k.name!r}: params {k.params!r} do not describe a {k.op} launch") from None
     _check(all(_is_int(v) and v >= 0 for v in sizes.values()),
@@ -247,13 +175,13 @@ def _check_launch(plan: Plan, op, dev: int, where: str) -> None:
     for dialect in DIALECT_NAMES:
         _check(dialect in k.launch, f"{where}: the kernel has no {dialect} launch geometry")
     spec = OPS[k.op]
-    buffer_args = [a for a, role in spec.args if role not in (Role.SCALAR, Role.INT_SCALAR)]
+    buffer_args = spec.buffers
     _check(isinstance(op.args, tuple) and len(op.args) == len(buffer_args),
            f"{where}: {len(op.args)} buffer arguments, {k.op} takes {len(buffer_args)}")
     sizes = _sizes(k)
     for arg, bid in zip(buffer_args, op.args):
         b = _buffer(plan, bid, f"{where}, argument {arg}", sizes.get(arg, 1), dev)
-        _check(arg not in sizes or (k.op, arg) in WINDOWS or b.size == sizes[arg],
+        _check(arg not in sizes or arg in spec.windows or b.size == sizes[arg],
                f"{where}, argument {arg}: buffer {bid!r} holds {b.size} elements but the kernel's params "
                f"describe {sizes[arg] if arg in sizes else ''}")
     _check(isinstance(op.scalars, dict), f"{where}: scalars must be an object")
