@@ -6,6 +6,12 @@
 #include <cfloat>
 #include <cstdint>
 
+// The spellings that device functions written once for both dialects (cnnc_rng.h) use;
+// cnnc_opencl.h defines the same names.
+#define CNNC_DEVICE_FN __device__ __forceinline__
+#define CNNC_MULHI(a, b) (__umulhi((a), (b)))
+#define CNNC_UINT4(x, y, z, w) (make_uint4((x), (y), (z), (w)))
+
 // ---------------------------------------------------------------------------
 // conv1_fwd_n2_c1_k2_3x3
 // forward of conv1: 2 filters 3x3 over 1x5x5, stride 1, padding 1, relu
