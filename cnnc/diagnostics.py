@@ -94,12 +94,6 @@ class CompileError(Exception):
         return self.format()
 
 
-def error(message: str, file: str = "<input>", span: Span | None = None, hint: str | None = None,
-          source: str | None = None) -> CompileError:
-    """Shorthand for a CompileError with a single diagnostic."""
-    return CompileError(Diagnostic(message, file, span, hint), source)
-
-
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A 'did you mean' hint when a close spelling exists."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

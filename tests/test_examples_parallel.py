@@ -1,5 +1,6 @@
 """The parallel examples: their plans have the intended structure, and small versions of each
-(tests/nets, same layers and placement) train exactly like their single-device form."""
+(tests/nets, same layers and placement) train like their single-device form (within 1e-5,
+replicas bit for bit)."""
 from __future__ import annotations
 
 import re

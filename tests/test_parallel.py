@@ -1,4 +1,4 @@
-"""The equivalence property (DESIGN §3.7): a training step under any placement equals the
+"""The equivalence property: a training step under any placement equals the
 single-device step, on the reference backend and on OpenCL with logical devices."""
 from __future__ import annotations
 

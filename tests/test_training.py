@@ -29,7 +29,7 @@ def test_digits_demo_reaches_five_percent_on_opencl(tmp_path):
 
 
 def test_same_seed_same_weights_bitwise(tmp_path):
-    """Determinism (DESIGN §4): no atomics, fixed reduction order → identical weights run to run."""
+    """Determinism: no atomics, fixed reduction order → identical weights run to run."""
     plan = compile_file(ROOT / "examples" / "digits.cnn", tmp_path / "build", use_nvcc=False).plan
     ds = load_digits()
     small = type(ds)(ds.name, ds.train_x[:96], ds.train_y[:96], ds.test_x[:32], ds.test_y[:32], ds.classes)

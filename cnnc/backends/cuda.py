@@ -117,6 +117,8 @@ class CudaBackend(Backend):
         return mem
 
     def upload(self, handle, array: np.ndarray, stream: str = "compute") -> None:
+        """Synchronous, whatever `stream` the plan names: waits for every stream, then copies
+        from pageable host memory, so an upload does not overlap compute."""
         self.synchronize()
         with self._on(self._device_of[int(handle)]):
             self.drv.memcpy_htod(handle, np.ascontiguousarray(array))

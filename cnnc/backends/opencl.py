@@ -2,8 +2,10 @@
 
 With pip's PoCL (pocl-binary-distribution) every machine has one, the CPU,
 which is how the generated kernels are executed and tested without a GPU.
-One in-order queue per logical device keeps launches ordered; several logical
-devices may share one OpenCL device.
+Each stream (compute, copy-in) of each logical device has its own in-order
+queue, and the plan's events, as markers and barriers, order the queues where
+one needs another's results; several logical devices may share one OpenCL
+device.
 """
 from __future__ import annotations
 
