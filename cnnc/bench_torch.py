@@ -123,7 +123,7 @@ def _fc(torch, l: Layer):
 @torch_twin("maxpool", "avgpool")
 def _pool(torch, l: Layer):
     """Windows start+p*stride .. +size, clipped to the image: a max over the pixels inside, or
-    their sum divided by how many there are; a window holding none gives 0."""
+    their sum divided by how many there are (every window starts inside the image)."""
     F = torch.nn.functional
     a, x_shape, out = l.args, l.in_shapes[0], l.shape
     size, stride, start = a["size"], a["stride"], a["start"]
@@ -137,12 +137,9 @@ def _pool(torch, l: Layer):
 
     def forward(self, x):
         x = _image(torch, x, x_shape)
-        counts = pooled(window_sum, torch.ones_like(x[:1, :1]), 0.0)
         if l.kind == "maxpool":
-            y = pooled(F.max_pool2d, x, float("-inf"))
-        else:
-            y = pooled(window_sum, x, 0.0) / counts.clamp(min=1)
-        return torch.where(counts > 0, y, torch.zeros_like(y))
+            return pooled(F.max_pool2d, x, float("-inf"))
+        return pooled(window_sum, x, 0.0) / pooled(window_sum, torch.ones_like(x[:1, :1]), 0.0)
 
     return _module(torch, forward)
 

@@ -96,6 +96,9 @@ def test_pool_shapes(kind):
     assert shape_of(f"c = {kind}(data, size=3, stride=2, start=1)\n", dims="2x8x8") == Shape(2, 3, 3)
     assert shape_of(f"c = {kind}(data, size=3, stride=2, outputs=2)\n", dims="2x8x8") == Shape(2, 2, 2)
     assert shape_of(f"c = {kind}(data, size=3, stride=1)\n", dims="2x6x9") == Shape(2, 4, 7)
+    # stride above size: the 4th window would start at row 9 of 9, outside the image, so there are 3
+    assert shape_of(f"c = {kind}(data, size=2, stride=3)\n", dims="1x9x9") == Shape(1, 3, 3)
+    assert shape_of(f"c = {kind}(data, size=2, stride=3)\n", dims="1x10x10") == Shape(1, 4, 4)
 
 
 def test_pool_stride_defaults_to_size():

@@ -95,7 +95,10 @@ def conv_out(size: int, filt: int, stride: int, pad: int) -> int:
 
 
 def pool_out(size: int, window: int, stride: int, start: int) -> int:
-    return 1 + math.ceil((size - start - window) / stride)
+    """cuda-convnet2's count of pool windows, 1 + ceil((size - start - window) / stride), less any
+    that would start past the image: with a stride above the window size the last one can, and a
+    window of no pixels has no maximum or mean.  With stride <= window no window is dropped."""
+    return min(1 + math.ceil((size - start - window) / stride), 1 + (size - start - 1) // stride)
 
 
 # ---------------------------------------------------------------- weight layers
