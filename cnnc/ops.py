@@ -220,7 +220,16 @@ def _sum2_sizes(p: dict) -> dict[str, int]:
 _CONV_FACTS = dict(family="conv", sizes=_conv_sizes, flops=_gemm_flops)
 _LOCAL_FACTS = dict(family="local", sizes=_local_sizes, flops=_gemm_flops)
 _FC_FACTS = dict(family="fc", sizes=_fc_sizes, flops=lambda p: 2 * p["N"] * p["I"] * p["O"])
-_NORM_FACTS = dict(family="norm", sizes=_norm_sizes, elements=_image, flops=_per_class)
+
+
+def _norm_flops(p: dict) -> int:
+    """Per value, a multiply-add per value of its window (`size` channels for cmrnorm, the only
+    norm op with `blocked`; size x size pixels otherwise) and about four more for the power."""
+    window = p["size"] if "blocked" in p else p["size"] * p["size"]
+    return _image(p) * (2 * window + 4)
+
+
+_NORM_FACTS = dict(family="norm", sizes=_norm_sizes, elements=_image, flops=_norm_flops)
 _VALUE_FACTS = dict(sizes=_flat_sizes, elements=_per_value, flops=_per_value)
 _POOL_FACTS = dict(family="pool", sizes=_pool_sizes,
                    flops=lambda p: p["N"] * p["C"] * p["P"] * p["Q"] * p["size"] * p["size"])
