@@ -46,7 +46,12 @@ class DataError(Exception):
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images as float32 [n, C, H, W] and integer labels as int32 [n]."""
+    """Images as float32 [n, C, H, W] (arrays, or for image folders views that index like
+    them and read a memory-mapped cache) and integer labels as int32 [n].
+
+    `mean` is what was subtracted from every image (float32 [C, H, W], pixels scaled to
+    [0, 1]) and `class_names` names each label, so that what is saved beside the weights
+    can prepare and name new images the same way; sources without them leave them empty."""
 
     name: str
     train_x: np.ndarray
@@ -54,6 +59,8 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     classes: int
+    class_names: tuple[str, ...] = ()
+    mean: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -132,6 +139,8 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         test_x=np.ascontiguousarray(x[test_idx]),
         test_y=y[test_idx],
         classes=10,
+        class_names=tuple(str(d) for d in range(10)),
+        mean=mean.reshape(1, 8, 8).astype(np.float32),
     )
 
 
@@ -227,6 +236,7 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -306,22 +316,43 @@ def load_cifar10(folder: str | os.PathLike[str]) -> Dataset:
     mean = train_x.mean(axis=0, keepdims=True)
     labels = np.concatenate(ys)
     return Dataset("cifar10", np.ascontiguousarray(train_x - mean), labels.astype(np.int32),
-                   np.ascontiguousarray(tx.astype(np.float32) / 255.0 - mean), ty.astype(np.int32), 10)
+                   np.ascontiguousarray(tx.astype(np.float32) / 255.0 - mean), ty.astype(np.int32), 10,
+                   class_names=CIFAR_CLASSES, mean=mean[0])
 
 
-def load_dataset(spec: str | os.PathLike[str] | None) -> Dataset:
-    """Resolve a command-line data argument: 'digits' (default), a .npz, or a CIFAR-10 folder."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "digits"):
+_SOURCES = "expected 'digits', a .npz file, a CIFAR-10 batch folder or a folder of image class folders"
+
+
+def load_dataset(spec: str | os.PathLike[str] | None, image_shape: tuple[int, int, int] | None = None,
+                 classes: int = 0, resize: int | None = None, test_split: float | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """Resolve a command-line data argument: 'digits' (default), a .npz, a CIFAR-10 folder
+    (one holding its batch files), or any other folder as a tree of images by class.
+
+    An image tree is decoded to `image_shape`'s channels, `resize` pixels square (default:
+    the larger of its height and width) and checked against the network's `classes`;
+    `test_split` and `cache_dir` apply to image trees alone."""
+    path = None if spec is None or (isinstance(spec, str) and spec.strip().lower() == "digits") else Path(spec)
+    if path is not None and not path.exists():
+        raise DataError(f"no such data source: {spec} ({_SOURCES})")
+    is_tree = path is not None and path.is_dir() and \
+        not any((path / name).exists() for name in (*CIFAR_TRAIN, CIFAR_TEST))
+    if not is_tree and (resize is not None or test_split is not None or cache_dir is not None):
+        raise DataError(f"--resize, --test-split and --cache-dir apply to folders of images, not to "
+                        f"{'digits' if path is None else spec}")
+    if path is None:
         return load_digits()
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"no such data source: {spec} "
-                        f"(expected 'digits', a .npz file or a CIFAR-10 batch folder)")
+    if is_tree:
+        from cnnc.train.images import load_image_folders
+
+        if image_shape is None:
+            raise DataError(f"{path}: a folder of images needs the network's input shape")
+        channels, height, width = image_shape
+        return load_image_folders(path, resize or max(height, width), channels, classes, test_split, cache_dir)
     if path.is_dir():
         return load_cifar10(path)
     if path.suffix.lower() != ".npz":
-        raise DataError(f"unsupported data source: {spec} "
-                        f"(expected 'digits', a .npz file or a CIFAR-10 batch folder)")
+        raise DataError(f"unsupported data source: {spec} ({_SOURCES})")
     return load_npz(path)
 
 
@@ -375,8 +406,12 @@ def train_batches(ds: Dataset, batch: int, epoch: int,
     if seed < 0 or epoch < 0:
         raise DataError(f"seed and epoch must be non-negative, got seed={seed}, "
                         f"epoch={epoch}")
-    order = np.random.default_rng([int(seed), int(epoch)]).permutation(ds.n_train)
-    return _train_iter(ds, order, int(batch))
+    return _train_iter(ds, epoch_order(ds, epoch, seed), int(batch))
+
+
+def epoch_order(ds: Dataset, epoch: int, seed: int) -> np.ndarray:
+    """The epoch's shuffle of the training cases: a function of (seed, epoch) alone."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(ds.n_train)
 
 
 def _train_iter(ds: Dataset, order: np.ndarray,
