@@ -87,16 +87,26 @@ class Executor:
         return {b.id: self.backend.view(storage[b.storage], b) for b in self.plan.buffers.values()}
 
     # -- parameters ---------------------------------------------------------------
-    def set_parameters(self, values: dict[str, np.ndarray]) -> None:
-        """Load parameters (by export name) into every replica; momentum restarts at zero."""
+    def set_parameters(self, values: dict[str, np.ndarray],
+                       momenta: dict[str, np.ndarray] | None = None) -> None:
+        """Load parameters (by export name) into every replica, with their momenta where given
+        (a checkpoint); otherwise momentum restarts at zero."""
         for p in self.plan.parameters:
             if p.export_name in values:
                 v = np.asarray(values[p.export_name], np.float32)
-                if v.shape != tuple(p.shape):
-                    raise ValueError(f"{p.export_name}: expected shape {tuple(p.shape)}, got {v.shape}")
-                for buf, inc in zip(p.buffers, p.incs):
+                inc = np.zeros(p.shape, np.float32) if momenta is None else \
+                    np.asarray(momenta[p.export_name], np.float32)
+                for value in (v, inc):
+                    if value.shape != tuple(p.shape):
+                        raise ValueError(f"{p.export_name}: expected shape {tuple(p.shape)}, got {value.shape}")
+                for buf, inc_buf in zip(p.buffers, p.incs):
                     self.backend.upload(self.handles[buf], v.reshape(-1))
-                    self.backend.upload(self.handles[inc], np.zeros(v.size, np.float32))
+                    self.backend.upload(self.handles[inc_buf], inc.reshape(-1))
+
+    def momenta(self) -> dict[str, np.ndarray]:
+        """Current momentum of every parameter by export name (replica 0, as `parameters`)."""
+        self.backend.synchronize()
+        return {p.export_name: self.read(p.incs[0]).reshape(p.shape) for p in self.plan.parameters}
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Current parameter values by export name (replica 0; the replicas are identical)."""

@@ -1,9 +1,10 @@
 """The training loop behind `cnnc run`: batches in, metrics out.
 
-Evaluates on the test split after every epoch (and every `test_freq` steps
-when asked), appends one JSON object per evaluation to metrics.jsonl, and
-saves the parameters as weights.npz after every epoch, both written so that
-a crash never leaves a half-written file.  A step whose loss or parameters
+Evaluates on the test split after every epoch, at the end (and every
+`test_freq` steps when asked), appends one JSON object per evaluation to
+metrics.jsonl, saves the parameters as weights.npz after every epoch and
+writes checkpoints (see checkpoint.py), all written so that a crash never
+leaves a half-written file.  A step whose loss or parameters
 become NaN or infinite stops training with TrainingDiverged, before anything
 non-finite is saved.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,9 +25,12 @@ import numpy as np
 from cnnc.backends.base import Backend
 from cnnc.executor import Executor
 from cnnc.plan.schedule import Plan
-from cnnc.train.data import DataError, Dataset, batches_per_epoch, eval_batches, fit_images, train_batches
+from cnnc.build import write_atomic
+from cnnc.train.checkpoint import Checkpoint, network_fingerprint, save_checkpoint
+from cnnc.train.data import DataError, Dataset, eval_batches, fit_images
 from cnnc.train.health import TrainingDiverged, finite_arrays, json_record, locate_divergence
-from cnnc.train.weights import WEIGHTS_FILE, save_weights
+from cnnc.train.loader import Loader
+from cnnc.train.weights import WEIGHTS_FILE, data_metadata, save_weights
 
 
 @dataclass
@@ -31,14 +38,14 @@ class Evaluation:
     epoch: int
     step: int
     train_loss: float
-    test_error: float
-    test_loss: float
+    test_error: float | None            # None: not evaluated (--no-test)
+    test_loss: float | None
     images_per_s: float
     backend: str
 
     def to_json(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss,
-                "test_error": self.test_error, "test_loss": self.test_loss,
+        tested = {"test_error": self.test_error, "test_loss": self.test_loss} if self.test_error is not None else {}
+        return {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss, **tested,
                 "images_per_s": self.images_per_s, "backend": self.backend}
 
 
@@ -76,74 +83,198 @@ def evaluate(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[fl
     return losses / n, wrong / n
 
 
+def evaluate_parameters(plan: Plan, backend: Backend, ds: Dataset,
+                        parameters: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(mean loss, error rate) of the test split under `parameters`, without training."""
+    check_data(plan, ds)
+    return evaluate(Executor(plan, backend, parameters), ds.test_x, ds.test_y, plan.batch)
+
+
 def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path,
           test_freq: int = 0, progress: Callable | None = None,
-          parameters: dict[str, np.ndarray] | None = None) -> list[Evaluation]:
-    """Train for `epochs` epochs; returns every evaluation (also in save_dir/metrics.jsonl)."""
+          parameters: dict[str, np.ndarray] | None = None, *, steps: int | None = None,
+          save_freq: int = 0, keep: int = 3, test: bool = True, resume: Checkpoint | None = None,
+          build_hash: str = "") -> list[Evaluation]:
+    """Train until `steps` steps or `epochs` epochs are done, whichever comes first (that
+    number is the learning-rate schedule's total); returns every evaluation (also in
+    save_dir/metrics.jsonl).
+
+    A checkpoint is written every `save_freq` steps (0: at the end of every epoch), at the
+    end, and when Ctrl-C or SIGTERM arrives (which then takes effect after the step); the
+    newest `keep` are kept.  With `resume`, training continues from that checkpoint exactly
+    as the run that wrote it would have."""
     check_data(plan, ds)
+    loader = Loader(plan, ds)
+    per_epoch = loader.per_epoch
+    total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
     ex = Executor(plan, backend, parameters)
     save_dir.mkdir(parents=True, exist_ok=True)
     metrics = save_dir / "metrics.jsonl"
-    steps = batches_per_epoch(ds, plan.batch)
-    total = steps * epochs
+    step = 0
+    if resume is not None:
+        _check_data_matches(resume, loader, ds)
+        ex.set_parameters(resume.parameters, resume.momenta)
+        step = ex.counters["step"] = resume.step
+        _drop_metrics_after(metrics, step)
     history: list[Evaluation] = []
-    step, saved = 0, 0                   # saved: the last epoch whose parameters are on disk
-    for epoch in range(1, epochs + 1):
-        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        bar = progress(total=steps, desc=f"epoch {epoch}/{epochs}") if progress else None
-        state, first_step = ex.snapshot(), step          # what a replay after a divergence starts from
-        for x, by in epoch_batches(plan, ds, epoch):
-            loss, correct = ex.train_step(x, by, step / total)
-            step += 1
-            if not np.isfinite(loss).all() or ex.parameters_flagged():
-                if bar:
-                    bar.close()
-                raise _diverged(ex, ds, epoch, state, first_step, step, total, loss, save_dir, saved)
-            loss_sum += float(loss.astype(np.float64).sum())
-            seen += len(by)
-            rate = seen / max(time.perf_counter() - t0, 1e-9)
+    saved = min(step, total) // per_epoch           # the last epoch whose parameters are on disk
+
+    def checkpoint(epoch: int, position: int, loss_sum: float, seen: int) -> None:
+        params, momenta = ex.parameters(), ex.momenta()
+        if not (finite_arrays(params) and finite_arrays(momenta)):
+            raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir, saved)
+        if position == per_epoch:                   # the epoch is done: the next step starts the next one
+            epoch, position, loss_sum, seen = epoch + 1, 0, 0.0, 0
+        save_checkpoint(save_dir, Checkpoint(
+            step=step, total_steps=total, epochs=epochs, steps=steps, parameters=params, momenta=momenta,
+            order=loader.order(epoch), epoch=epoch, position=position, epoch_loss=loss_sum, epoch_cases=seen,
+            network=plan.network, fingerprint=network_fingerprint(plan), build_hash=build_hash, seed=plan.seed,
+            data=_data_facts(ds, per_epoch), mean=ds.mean), keep)
+
+    loss = np.zeros(1, np.float32)
+    with _deferred_signals() as pending:
+        for epoch in range(step // per_epoch + 1, (total + per_epoch - 1) // per_epoch + 1):
+            begin = (epoch - 1) * per_epoch
+            position, stop = step - begin, min(per_epoch, total - begin)
+            loss_sum, seen = (resume.epoch_loss, resume.epoch_cases) \
+                if resume is not None and position and resume.epoch == epoch else (0.0, 0)
+            t0, seen_before = time.perf_counter(), seen
+            # counts the run's steps, not the epoch's, so that its ETA is the time left to the run's end
+            bar = progress(total=total, initial=step, desc=f"epoch {epoch}/{epochs}") if progress else None
+            state, first_step = ex.snapshot(), step          # what a replay after a divergence starts from
+            with closing(loader.epoch(epoch, position, stop)) as batches:
+                for x, by in batches:
+                    loss, correct = ex.train_step(x, by, step / total)
+                    step += 1
+                    position += 1
+                    if not np.isfinite(loss).all() or ex.parameters_flagged():
+                        if bar:
+                            bar.close()
+                        raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir, saved)
+                    loss_sum += float(loss.astype(np.float64).sum())
+                    seen += len(by)
+                    rate = (seen - seen_before) / max(time.perf_counter() - t0, 1e-9)
+                    if bar:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", err=f"{1 - float(correct.mean()):.3f}",
+                                        img_s=f"{rate:.0f}")
+                    epoch_done, last = position == per_epoch, step == total
+                    if epoch_done or last or (test_freq and step % test_freq == 0):
+                        history.append(_record(ex, ds, plan, epoch, step, loss_sum / seen, rate, backend,
+                                               metrics, test))
+                    if epoch_done or last:
+                        params = ex.parameters()
+                        if not finite_arrays(params):       # only a plan without the parameter check gets here
+                            raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir,
+                                            saved)
+                        save_weights(save_dir / WEIGHTS_FILE, params,      # after every epoch, atomically
+                                     data_metadata(ds.class_names, ds.mean))
+                        saved = epoch if epoch_done else saved
+                    if last or pending or (step % save_freq == 0 if save_freq else epoch_done):
+                        checkpoint(epoch, position, loss_sum, seen)
+                    if pending:
+                        if bar:
+                            bar.close()
+                        _raise_pending(pending)
             if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", err=f"{1 - float(correct.mean()):.3f}",
-                                img_s=f"{rate:.0f}")
-            if test_freq and step % test_freq == 0 and step % steps:
-                history.append(_record(ex, ds, plan, epoch, step, loss_sum / seen, rate, backend, metrics))
-        if bar:
-            bar.close()
-        rate = seen / max(time.perf_counter() - t0, 1e-9)
-        history.append(_record(ex, ds, plan, epoch, step, loss_sum / max(seen, 1), rate, backend, metrics))
-        params = ex.parameters()
-        if not finite_arrays(params):       # only a plan without the parameter check gets here
-            raise _diverged(ex, ds, epoch, state, first_step, step, total, loss, save_dir, saved)
-        save_weights(save_dir / WEIGHTS_FILE, params)      # after every epoch, atomically
-        saved = epoch
+                bar.close()
     return history
 
 
-def epoch_batches(plan: Plan, ds: Dataset, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The epoch's training minibatches, cropped: the same every time they are asked for,
-    which is what lets a divergence be replayed."""
-    crops = np.random.default_rng([plan.seed, epoch, 1])
-    return ((fit_images(bx, plan.image_shape, crops), by)
-            for bx, by in train_batches(ds, plan.batch, epoch, plan.seed))
+def _data_facts(ds: Dataset, per_epoch: int) -> dict:
+    facts = {"name": ds.name, "train_cases": ds.n_train, "batches_per_epoch": per_epoch}
+    if ds.class_names:
+        facts["class_names"] = [str(n) for n in ds.class_names]
+    return facts
 
 
-def _diverged(ex: Executor, ds: Dataset, epoch: int, state: dict, first_step: int, step: int, total: int,
+def _check_data_matches(ck: Checkpoint, loader: Loader, ds: Dataset) -> None:
+    """A resumed run must see the data the checkpoint was written with, in the same order."""
+    facts = _data_facts(ds, loader.per_epoch)
+    same = ({k: facts.get(k) for k in ("train_cases", "batches_per_epoch")}
+            == {k: ck.data.get(k) for k in ("train_cases", "batches_per_epoch")}
+            and np.array_equal(loader.order(ck.epoch), ck.order))
+    if same and ds.mean is not None and ck.mean is not None:
+        same = np.shape(ds.mean) == ck.mean.shape and np.array_equal(np.asarray(ds.mean, np.float32), ck.mean)
+    if not same:
+        raise DataError(f"{ds.name}: not the data the checkpoint at step {ck.step} was trained on "
+                        f"({ck.data.get('name')}, {ck.data.get('train_cases')} training cases)")
+
+
+def _drop_metrics_after(metrics: Path, step: int) -> None:
+    """Forget evaluations of steps past the checkpoint: the resumed run makes them again."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue                        # a torn or foreign line
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        write_atomic(metrics, "".join(kept))
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """Hold Ctrl-C and SIGTERM until the current step is done (a second one acts at once):
+    the loop writes a checkpoint, then `_raise_pending` delivers the signal as it would have
+    been.  Signals this process ignores stay ignored; only the main thread can take them."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = {}
+
+    def hold(signum, frame) -> None:
+        if pending:
+            _restore(previous)
+            signal.raise_signal(signum)
+        pending.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            previous[sig] = signal.signal(sig, hold)
+    try:
+        yield pending
+    finally:
+        _restore(previous)
+
+
+def _restore(handlers: dict) -> None:
+    for sig, handler in list(handlers.items()):
+        signal.signal(sig, handler)
+        del handlers[sig]
+
+
+def _raise_pending(pending: list[int]) -> None:
+    """Deliver the held signal again: with one already pending, `_deferred_signals` hands it
+    to the handler that was there before training (KeyboardInterrupt for Ctrl-C)."""
+    signal.raise_signal(pending[0])
+
+
+def _diverged(ex: Executor, loader: Loader, epoch: int, state: dict, first_step: int, step: int, total: int,
               loss: np.ndarray, save_dir: Path, saved: int) -> TrainingDiverged:
     """The error for a divergence at (1-based) `step`, naming the first layer that went
-    non-finite, found by replaying the epoch from its starting `state`."""
+    non-finite, found by replaying from `state`, taken before step `first_step` of `epoch`
+    (the epoch's start, or where a resumed run began)."""
     total_loss = float(loss.astype(np.float64).sum())
     reason = f"the loss is {total_loss}" if not math.isfinite(total_loss) else \
         "a parameter is not finite after the update"
-    where = locate_divergence(ex, state, first_step, step - 1, total, epoch_batches(ex.plan, ds, epoch))
+    batches = loader.epoch(epoch, first_step - (epoch - 1) * loader.per_epoch)
+    with closing(batches):
+        where = locate_divergence(ex, state, first_step, step - 1, total, batches)
     found = f"first non-finite value: {where}" if where else "the replayed step produced no non-finite value"
     path = save_dir / WEIGHTS_FILE
     kept = f"{path} holds epoch {saved}" if saved else f"{path} was not written"
     return TrainingDiverged(f"training diverged at step {step} (epoch {epoch}): {reason}; {found}; {kept}")
 
 
-def _record(ex, ds, plan, epoch, step, train_loss, rate, backend, metrics: Path) -> Evaluation:
-    test_loss, test_error = evaluate(ex, ds.test_x, ds.test_y, plan.batch)
+def _record(ex, ds, plan, epoch, step, train_loss, rate, backend, metrics: Path, test: bool) -> Evaluation:
+    test_loss, test_error = evaluate(ex, ds.test_x, ds.test_y, plan.batch) if test else (None, None)
     ev = Evaluation(epoch, step, train_loss, test_error, test_loss, rate, backend.name)
     with open(metrics, "a") as f:          # one whole line per write: a crash loses at most this line
         f.write(json.dumps(json_record(ev.to_json()), allow_nan=False) + "\n")
