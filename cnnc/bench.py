@@ -1,10 +1,13 @@
-"""`cnnc bench`: how fast a compiled network trains, per layer and per step.
+"""`cnnc bench`: how fast a compiled network trains (or, with --inference, only runs its
+forward pass), per layer and per step.
 
 Whole-step throughput is timed with the backend running freely; per-layer
 numbers come from one more step in which every op is timed on its own (the
 backend is synchronised around each), so they add up to a little more than
-the free-running step.  With `--against torch` the same network is built in
-PyTorch (when it is installed) and timed on the same data, side by side.
+the free-running step.  An inference step runs the test program, the forward pass
+as evaluation runs it (dropout at its test-time scaling, no backward, no updates).
+With `--against torch` the same network is built in PyTorch (when it is installed)
+and timed on the same data, side by side.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.backends import make_backend
-from cnnc.build import compile_network, load_plan
+from cnnc.build import DEFAULT_CPU_WIDTH, compile_network, load_plan
+from cnnc.codegen.render import plan_cpu_width
 from cnnc.diagnostics import CompileError, Diagnostic
 from cnnc.executor import Executor
 from cnnc.plan.schedule import Plan
@@ -47,6 +51,7 @@ class BenchResult:
     layers: list[LayerTiming] = field(default_factory=list)
     other_ms: dict[str, float] = field(default_factory=dict)     # copies, exchange, updates
     torch: dict | None = None
+    inference: bool = False             # forward-only (test program) steps instead of training steps
 
 
 def _rebuilt(build_dir: Path, batch: int, scratch: Path) -> Plan:
@@ -54,7 +59,9 @@ def _rebuilt(build_dir: Path, batch: int, scratch: Path) -> Plan:
     if not source_file.is_file():
         raise CompileError(Diagnostic("source.cnn is missing, so --batch cannot recompile; run cnnc compile again",
                                       str(build_dir)))
-    return compile_network(source_file.read_text(), str(source_file), scratch, use_nvcc=False, batch=batch).plan
+    width = plan_cpu_width(load_plan(build_dir).kernels.values()) or DEFAULT_CPU_WIDTH     # the build's own
+    return compile_network(source_file.read_text(), str(source_file), scratch, use_nvcc=False, batch=batch,
+                           cpu_width=width).plan
 
 
 def random_batch(plan: Plan, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +72,7 @@ def random_batch(plan: Plan, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench(build_dir: Path, backend_name: str, gpus: list[int], batch: int | None = None, steps: int = 5,
-          warmup: int = 2, against: str | None = None) -> BenchResult:
+          warmup: int = 2, against: str | None = None, inference: bool = False) -> BenchResult:
     build_dir = Path(build_dir)
     with tempfile.TemporaryDirectory(prefix="cnnc-bench-") as tmp:
         plan = load_plan(build_dir) if batch is None else _rebuilt(build_dir, batch, Path(tmp))
@@ -73,12 +80,17 @@ def bench(build_dir: Path, backend_name: str, gpus: list[int], batch: int | None
         backend = make_backend(backend_name, plan, where, gpus)
         ex = Executor(plan, backend)
         x, y = random_batch(plan)
+        program = "test" if inference else "train"
+
+        def one_step():
+            return ex.evaluate(x, y) if inference else ex.train_step(x, y, 0.0)
+
         for i in range(warmup):                 # first launches compile kernels (PoCL, CUDA JIT)
-            ex.train_step(x, y, 0.0)
+            one_step()
         backend.synchronize()
         t0 = time.perf_counter()
         for i in range(steps):
-            ex.train_step(x, y, 0.0)
+            one_step()
         backend.synchronize()
         step = (time.perf_counter() - t0) / steps
         layers: dict[str, LayerTiming] = {}
@@ -94,10 +106,10 @@ def bench(build_dir: Path, backend_name: str, gpus: list[int], batch: int | None
                 other[op.kind if op.kind != "launch" else op.phase] += seconds * 1e3
 
         ex.load_batch(x, y)
-        ex.run("train", 0.0, timer)
+        ex.run(program, 0.0, timer)
         order = [l.layer for l in plan.layers if l.layer in layers]
         result = BenchResult(plan.network, backend.describe(), plan.batch, step * 1e3, plan.batch / step,
-                             [layers[n] for n in order], dict(other))
+                             [layers[n] for n in order], dict(other), inference=inference)
         if against == "torch":
             from cnnc.bench_torch import torch_step_ms
             source = (build_dir / "source.cnn").read_text()
@@ -106,16 +118,18 @@ def bench(build_dir: Path, backend_name: str, gpus: list[int], batch: int | None
 
 
 def format_bench(r: BenchResult) -> str:
-    out = [f"{r.network} on {r.backend}, batch {r.batch}: {r.step_ms:.2f} ms per step, "
+    what = ", inference (forward only)" if r.inference else ""
+    out = [f"{r.network} on {r.backend}, batch {r.batch}{what}: {r.step_ms:.2f} ms per step, "
            f"{r.images_per_s:,.0f} images/s"]
     torch = r.torch or {}
-    head = f"  {'layer':<14} {'fwd ms':>9} {'GFLOP/s':>8} {'bwd ms':>9} {'GFLOP/s':>8}"
+    head = f"  {'layer':<14} {'fwd ms':>9} {'GFLOP/s':>8}" + ("" if r.inference else f" {'bwd ms':>9} {'GFLOP/s':>8}")
     if torch:
         head += f"   {'torch fwd ms':>12} {'torch bwd ms':>12}"
     out.append(head)
     for t in r.layers:
-        line = (f"  {t.layer:<14} {t.forward_ms:9.3f} {t.gflops('forward'):8.2f} "
-                f"{t.backward_ms:9.3f} {t.gflops('backward'):8.2f}")
+        line = f"  {t.layer:<14} {t.forward_ms:9.3f} {t.gflops('forward'):8.2f}"
+        if not r.inference:
+            line += f" {t.backward_ms:9.3f} {t.gflops('backward'):8.2f}"
         if torch:
             tl = torch.get("layers", {}).get(t.layer)
             line += f"   {tl['forward_ms']:12.3f} {tl['backward_ms']:12.3f}" if tl else f"   {'-':>12} {'-':>12}"

@@ -188,15 +188,19 @@ def _neuron(torch, l: Layer):
 @torch_twin("dropout", "dropout2")
 def _dropout(torch, l: Layer):
     """dropout scales kept values by 1/keep in training; dropout2 keeps them as they are and
-    scales by keep at test time."""
+    scales by keep at test time.  A `keep_mask` set on the module ([N, D] booleans) replaces
+    PyTorch's random mask in training, so that the twin can follow cnnc's masks exactly."""
     keep = l.args["keep"]
 
     def forward(self, x):
+        if self.training and self.keep_mask is not None:
+            kept = self.keep_mask.reshape(x.shape).to(x.dtype)
+            return x * kept / keep if l.kind == "dropout" else x * kept
         if l.kind == "dropout":
             return torch.nn.functional.dropout(x, 1 - keep, self.training)
         return torch.nn.functional.dropout(x, 1 - keep, True) * keep if self.training else x * keep
 
-    return _module(torch, forward)
+    return _module(torch, forward, keep_mask=None)
 
 
 @torch_twin("eltsum", "pass")

@@ -18,19 +18,39 @@ from cnnc.train.arrays import ArchiveError, read_npz
 
 WEIGHTS_FILE = "weights.npz"
 
+# Arrays a parameter file may hold besides the parameters, describing the data they were trained
+# on, for cnnc predict: `classes` (class names by label) and `mean` (the mean training image).
+METADATA = ("classes", "mean")
+
 
 class WeightsError(Exception):
     """A parameter file that cannot be used, in one line."""
 
 
-def save_weights(path: Path, params: dict[str, np.ndarray]) -> None:
+def data_metadata(class_names, mean) -> dict[str, np.ndarray]:
+    """The METADATA arrays for a data set's class names and mean image (either may be absent)."""
+    out = {}
+    if class_names:
+        out["classes"] = np.array([str(c) for c in class_names])
+    if mean is not None:
+        out["mean"] = np.asarray(mean, np.float32)
+    return out
+
+
+def save_weights(path: Path, params: dict[str, np.ndarray], metadata: dict[str, np.ndarray] | None = None) -> None:
+    """Parameters as float32, plus the METADATA arrays given (class names as text, no pickles)."""
+    arrays = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    for k, v in (metadata or {}).items():
+        assert k in METADATA, k
+        arrays[k] = np.asarray(v, np.float32) if k == "mean" else np.asarray(v, str)
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in params.items()})
+    np.savez(buf, **arrays)
     write_atomic(path, buf.getvalue())
 
 
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a .npz parameter file, or a WeightsError."""
+def read_weights(path: Path, metadata: bool = False) -> dict[str, np.ndarray]:
+    """Every parameter array of a .npz parameter file (with `metadata`, also the METADATA
+    arrays it holds), or a WeightsError."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
@@ -42,9 +62,9 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"{path}: {e}; a parameter file is an .npz with one array per parameter, "
                            f"as cnnc run saves and cnnc export writes") from None
     for k, v in out.items():
-        if v.dtype.kind != "f" or not np.isfinite(v).all():
+        if k not in METADATA and (v.dtype.kind != "f" or not np.isfinite(v).all()):
             raise WeightsError(f"{path}: array '{k}' is not finite floating-point data")
-    return out
+    return out if metadata else {k: v for k, v in out.items() if k not in METADATA}
 
 
 def weights_for(plan: Plan, path: Path) -> dict[str, np.ndarray]:
@@ -72,7 +92,9 @@ def weights_for(plan: Plan, path: Path) -> dict[str, np.ndarray]:
 
 
 def export(save_dir: Path, out: Path) -> list[str]:
-    """Copy a run's parameters to `out`; returns the parameter names."""
-    values = read_weights(save_dir)
-    save_weights(out, values)
-    return sorted(values)
+    """Copy a run's parameters (and its class names and mean image, where saved) to `out`;
+    returns the parameter names."""
+    values = read_weights(save_dir, metadata=True)
+    params = {k: v for k, v in values.items() if k not in METADATA}
+    save_weights(out, params, {k: v for k, v in values.items() if k in METADATA})
+    return sorted(params)
