@@ -33,9 +33,10 @@ def _round_up(x: int, unit: int) -> int:
     return -(-x // unit) * unit
 
 
-def occupancy(arch: str, threads: int, registers: int, shared_bytes: int) -> dict:
-    """Active blocks and warps per SM, the fraction of the SM's warp slots used, and the limiter."""
-    lim = LIMITS.get(arch, LIMITS["sm_80"])
+def occupancy(arch: str, threads: int, registers: int, shared_bytes: int, limits: SMLimits | None = None) -> dict:
+    """Active blocks and warps per SM, the fraction of the SM's warp slots used, and the limiter;
+    `limits` replaces the architecture's (a machine model's SM, say)."""
+    lim = limits or LIMITS.get(arch, LIMITS["sm_80"])
     warps = -(-threads // 32)
     max_warps = lim.max_threads // 32
     by = {"warps": max_warps // warps, "blocks": lim.max_blocks}

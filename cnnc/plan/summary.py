@@ -21,13 +21,15 @@ def kernel_flops(k: Kernel) -> int:
     return OPS[k.op].flops(k.params)
 
 
-def _describe(op: Op, plan: Plan, resources: dict) -> dict:
+def _describe(op: Op, plan: Plan, resources: dict, rooflines: dict | None = None) -> dict:
     row = {"op": op.kind, "phase": op.phase, "pass": op.pass_, "stream": op.stream}
     if op.kind == "launch":
         k = plan.kernels[op.kernel]
         row.update(kernel=k.name, kernel_op=k.op, layer=k.layer, line=k.line, args=list(op.args),
                    flops=kernel_flops(k), bytes_accessed=OPS[k.op].bytes_moved(k.params), launch=k.launch,
                    resources=resources.get(k.name, {}))
+        if rooflines is not None:
+            row["roofline"] = rooflines[k.name]
     elif op.kind == "copy":
         row.update(src=op.src, dst=op.dst, bytes=4 * op.count, src_device=plan.buffers[op.src].device)
     elif op.kind == "upload":
@@ -37,14 +39,16 @@ def _describe(op: Op, plan: Plan, resources: dict) -> dict:
     return row
 
 
-def summarize(plan: Plan, manifest: dict | None = None) -> dict:
+def summarize(plan: Plan, manifest: dict | None = None, rooflines: dict | None = None) -> dict:
+    """The plan's account; with `rooflines` (kernel name -> roofline object, from the
+    performance analysis) every launch carries its kernel's."""
     resources = {name: k.get("resources", {}) for name, k in (manifest or {}).get("kernels", {}).items()}
     devices = []
     moved: dict[tuple[int, int], int] = defaultdict(int)
     collective: dict[tuple[int, int], int] = defaultdict(int)
     allocated = storage_bytes(plan)
     for dev, ops in plan.programs["train"].items():
-        rows = [_describe(op, plan, resources) for op in ops]
+        rows = [_describe(op, plan, resources, rooflines) for op in ops]
         for op, row in zip(ops, rows):
             if op.kind == "copy" and row["src_device"] != dev:
                 table = collective if op.phase == "exchange" else moved
