@@ -65,3 +65,22 @@ def run_reference(name: str, params: dict, **arrays) -> dict[str, np.ndarray]:
     REFERENCE_OPS[name](params, *args)
     return {arg: flat[arg].reshape(np.shape(arrays[arg]))
             for arg, role in OPS[name].args if role in (Role.OUT, Role.INOUT)}
+
+
+# A network that diverges on schedule: fed an all-ones image, each step multiplies fc1's output by
+# 1 - 2*lr*(64 + 1) = -1.6 whatever the shuffle, so the sum of squares passes the largest float in
+# step 99, the second step of epoch 50, on every backend.
+GROWING = """\
+network grow
+input data: 1x8x8
+input labels: label(10)
+train {
+  batch = 8
+  epochs = 1000
+  seed = 1
+  lr = 0.02
+  momentum = 0
+}
+fc1 = fc(data, outputs=10, init_w=0.01)
+cost = sum2(fc1)
+"""

@@ -23,7 +23,7 @@ from cnnc.executor import Executor
 from cnnc.train.checkpoint import checkpoints, latest_checkpoint
 from cnnc.train.data import load_npz
 from cnnc.train.loop import train
-from helpers import replace_once
+from helpers import GROWING, replace_once
 
 CNNC = [sys.executable, "-m", "cnnc.cli"]
 
@@ -321,20 +321,6 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, data):
     assert latest_checkpoint(save).step == ck.step + 2
 
 
-GROWING = """\
-network grow
-input data: 1x8x8
-input labels: label(10)
-train {
-  batch = 8
-  epochs = 1000
-  seed = 1
-  lr = 0.02
-  momentum = 0
-}
-fc1 = fc(data, outputs=10, init_w=0.01)
-cost = sum2(fc1)
-"""
 
 
 @pytest.mark.parametrize("backend", ["reference", "opencl"])

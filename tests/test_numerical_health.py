@@ -15,27 +15,9 @@ from cnnc.backends.reference_ops import REFERENCE_OPS
 from cnnc.cli import main
 from cnnc.ops import OPS, Role
 from cnnc.plan.schedule import Buffer, Kernel
-from helpers import replace_once
+from helpers import GROWING, replace_once
 
 BACKENDS = ["reference", "opencl"]
-
-# Every training image is the same all-ones 8x8 image, so each step multiplies fc1's output by
-# 1 - 2·lr·(64 + 1) = -1.6 whatever the shuffle: the sum of squares passes the largest float
-# in step 99, the second step of epoch 50, on every backend.
-GROWING = """\
-network grow
-input data: 1x8x8
-input labels: label(10)
-train {
-  batch = 8
-  epochs = 1000
-  seed = 1
-  lr = 0.02
-  momentum = 0
-}
-fc1 = fc(data, outputs=10, init_w=0.01)
-cost = sum2(fc1)
-"""
 
 
 def cli(*args: str | Path) -> Result:
