@@ -33,10 +33,10 @@ from cnnc import __version__
 from cnnc.build_dir import (ARTEFACT_RE, MANIFEST_FORMAT, MARKER, BuildError, build_lock, claim, clean_scratch,
                             read_manifest, scratch_prefix, sha256_file, verify_files)
 from cnnc.check import check
-from cnnc.codegen.dialect import DIALECTS
+from cnnc.codegen.dialect import DIALECTS, OPENCL_CPU_NAME, Dialect, opencl_cpu
 from cnnc.codegen.occupancy import occupancy
 from cnnc.codegen.nvcc import NvccError, compile_cubins, find_nvcc, validate_arch
-from cnnc.codegen.render import render_source
+from cnnc.codegen.render import cpu_kernel, render_source
 from cnnc.diagnostics import CompileError, Diagnostic
 from cnnc.frontend.parser import parse, read_source
 from cnnc.ir import Network
@@ -46,6 +46,7 @@ from cnnc.plan.validate import PlanError, validate
 from cnnc.resources import resource_dir
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
+DEFAULT_CPU_WIDTH = 16           # AVX-512; cnnc compile defaults to the local CPU device's width
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -75,9 +76,9 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def _inputs_hash(source: str, archs: Sequence[str], use_nvcc: bool) -> str:
+def _inputs_hash(source: str, archs: Sequence[str], use_nvcc: bool, cpu_width: int) -> str:
     h = hashlib.sha256()
-    h.update(f"cnnc {__version__}\n{sorted(archs)}\n{use_nvcc}\n".encode())
+    h.update(f"cnnc {__version__}\n{sorted(archs)}\n{use_nvcc}\n{cpu_width}\n".encode())
     h.update(source.encode())
     for folder in ("grammar", "templates", "runtime"):
         for f in sorted(resource_dir(folder).iterdir()):
@@ -102,15 +103,21 @@ def _up_to_date(out_dir: Path, digest: str) -> bool:
 
 def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] = DEFAULT_ARCHS,
                     use_nvcc: bool = True, force: bool = False,
-                    on_stage: Callable[[str], None] | None = None, batch: int | None = None) -> BuildResult:
-    """Compile .cnn source text into `out_dir`; raises CompileError on bad input."""
+                    on_stage: Callable[[str], None] | None = None, batch: int | None = None,
+                    cpu_width: int = DEFAULT_CPU_WIDTH) -> BuildResult:
+    """Compile .cnn source text into `out_dir`; raises CompileError on bad input.  `cpu_width`
+    is the vector width (floats) of the CPU-shaped OpenCL kernels in gpu<k>.cpu.cl."""
     for a in archs:
         try:
             validate_arch(a)
         except ValueError as e:
             raise CompileError(Diagnostic(str(e), "--arch")) from None
     nvcc = find_nvcc() if use_nvcc else None
-    digest = _inputs_hash(source + f"\n#batch={batch}", archs, nvcc is not None)
+    try:
+        cpu = opencl_cpu(cpu_width)
+    except ValueError as e:
+        raise CompileError(Diagnostic(str(e), "--cpu-width")) from None
+    digest = _inputs_hash(source + f"\n#batch={batch}", archs, nvcc is not None, cpu_width)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CompileError(Diagnostic("the output path exists and is not a directory", str(out_dir)))
@@ -127,12 +134,12 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
                     pass                            # a damaged plan.json: rebuild it
                 else:
                     return BuildResult(out_dir, None, plan, up_to_date=True, nvcc=nvcc)
-        return _build(source, file, out_dir, archs, nvcc, digest, on_stage, batch, held, locked)
+        return _build(source, file, out_dir, archs, nvcc, digest, on_stage, batch, held, locked, cpu)
 
 
 def _build(source: str, file: str, out_dir: Path, archs: Sequence[str], nvcc: str | None, digest: str,
            on_stage: Callable[[str], None] | None, batch: int | None, held: ExitStack,
-           locked: bool) -> BuildResult:
+           locked: bool, cpu: Dialect) -> BuildResult:
     """Run every stage and move the result into `out_dir`; unless `locked` already, the
     directory is created and locked (in `held`) only once the source passed the front end."""
     stages: dict[str, float] = {}
@@ -150,7 +157,7 @@ def _build(source: str, file: str, out_dir: Path, archs: Sequence[str], nvcc: st
     if batch is not None:                      # e.g. cnnc bench --batch: same network, other batch size
         network = dataclasses.replace(network, batch=batch)
     plan = stage("plan", make_plan, network)
-    sources = stage("generate", _generate, plan, network)
+    sources = stage("generate", _generate, plan, network, cpu)
 
     if not locked:
         if not out_dir.exists():
@@ -225,8 +232,9 @@ def _remove_stale(out_dir: Path, written: list[str]) -> None:
             f.unlink(missing_ok=True)
 
 
-def _generate(plan: Plan, network: Network) -> dict[str, str]:
-    """Render each device's kernels in every dialect and record launch geometry in the plan."""
+def _generate(plan: Plan, network: Network, cpu: Dialect) -> dict[str, str]:
+    """Render each device's kernels in every dialect and for the CPU target, and record launch
+    geometry in the plan (for the CPU target: of the kernels that have a CPU shape)."""
     sources = {}
     for dev in plan.devices:
         names: dict[str, None] = {}            # first launch order, without repeats
@@ -235,11 +243,12 @@ def _generate(plan: Plan, network: Network) -> dict[str, str]:
                 if op.kind == "launch":
                     names.setdefault(op.kernel)
         kernels = [plan.kernels[n] for n in names]
-        for dialect in DIALECTS.values():
+        for dialect in (*DIALECTS.values(), cpu):
             title = f"{network.name}: kernels of logical device {dev} ({dialect.name})"
             text, launches = render_source(kernels, dialect, network.file, network.source, title)
             for name, geo in launches.items():
-                plan.kernels[name].launch[dialect.name] = geo
+                if dialect.name != OPENCL_CPU_NAME or cpu_kernel(plan.kernels[name], cpu.vector_width):
+                    plan.kernels[name].launch[dialect.name] = geo
             sources[f"gpu{dev}.{dialect.extension}"] = text
     return sources
 

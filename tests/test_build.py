@@ -24,7 +24,7 @@ from helpers import replace_once
 HAVE_NVCC = find_nvcc() is not None
 needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found")
 
-SOURCES = {"gpu0.cu", "gpu0.cl", "source.cnn", "plan.json", "manifest.json"}
+SOURCES = {"gpu0.cu", "gpu0.cl", "gpu0.cpu.cl", "source.cnn", "plan.json", "manifest.json"}
 CUBINS = {"gpu0.sm_80.cubin", "gpu0.sm_90.cubin"}
 
 BROKEN = {

@@ -29,13 +29,18 @@ def make_backend(name: str, plan: Plan, build_dir: Path, gpus: Sequence[int]) ->
         return ReferenceBackend()
     if name == "opencl":
         from cnnc.backends.opencl import OpenCLBackend
+        from cnnc.codegen.render import plan_cpu_width
         sources = {}
         for l in logical:
             f = Path(build_dir) / f"gpu{l}.cl"
             if not f.is_file():
                 raise BackendError(f"{f} is missing; recompile with cnnc compile")
             sources[l] = f.read_text()
-        return OpenCLBackend(sources, logical, {l: gpus[l] for l in logical})
+        cpu_files = {l: Path(build_dir) / f"gpu{l}.cpu.cl" for l in logical}
+        cpu_sources = {l: f.read_text() for l, f in cpu_files.items()} if all(
+            f.is_file() for f in cpu_files.values()) else None
+        return OpenCLBackend(sources, logical, {l: gpus[l] for l in logical}, cpu_sources,
+                             plan_cpu_width(plan.kernels.values()))
     if name == "cuda":
         from cnnc.backends.cuda import CudaBackend
         return CudaBackend(Path(build_dir), {l: gpus[l] for l in logical})

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from cnnc.backends.base import DTYPES, Backend, BackendError, DeviceMemory, available_host_memory
+from cnnc.codegen.dialect import OPENCL_CPU_NAME
 from cnnc.plan.schedule import Buffer, Kernel
 
 
@@ -95,13 +96,66 @@ def _physical_devices():
     return list(subs)[:n]
 
 
+TARGETS = ("auto", "cpu", "gpu")
+
+
+def device_vector_width(device) -> int:
+    """Floats per vector the device prefers (CL_DEVICE_PREFERRED_VECTOR_WIDTH_FLOAT)."""
+    return device.preferred_vector_width_float
+
+
+def cpu_target(device, has_cpu_kernels: bool, width: int) -> bool:
+    """Run the CPU-shaped kernels (gpu<k>.cpu.cl) on `device`?  CNNC_OPENCL_TARGET=cpu|gpu
+    forces the choice, auto (the default) takes them on CPU devices when the build has them.
+    A width the device does not prefer is refused: the register blocks were written for it."""
+    import pyopencl as cl
+
+    target = os.environ.get("CNNC_OPENCL_TARGET", "auto").lower() or "auto"
+    if target not in TARGETS:
+        raise BackendError(f"CNNC_OPENCL_TARGET={target!r}: choose {', '.join(TARGETS)}")
+    use = target == "cpu" or (target == "auto" and bool(device.type & cl.device_type.CPU) and has_cpu_kernels)
+    if use and not has_cpu_kernels:
+        raise BackendError("CNNC_OPENCL_TARGET=cpu, but this build has no CPU kernels (gpu<k>.cpu.cl); "
+                           "recompile with cnnc compile")
+    preferred = device_vector_width(device)
+    if use and width > preferred:
+        raise BackendError(f"this build's CPU kernels use vectors of {width} floats, but "
+                           f"{device.name.strip()} prefers {preferred}; recompile with cnnc compile "
+                           f"--cpu-width {preferred}, or run with CNNC_OPENCL_TARGET=gpu")
+    return use
+
+
+def preferred_cpu_width(widths: Sequence[int]) -> int | None:
+    """The widest of `widths` the first OpenCL CPU device prefers (None: no such device), the
+    default of cnnc compile --cpu-width."""
+    try:
+        import pyopencl as cl
+    except ImportError:
+        return None
+    devices = []
+    try:
+        for p in cl.get_platforms():
+            try:
+                devices += p.get_devices(cl.device_type.CPU)
+            except cl.Error:                # a platform without CPU devices
+                pass
+    except cl.Error:                        # no OpenCL platform at all
+        return None
+    if not devices:
+        return None
+    preferred = devices[0].preferred_vector_width_float
+    return max((w for w in widths if w <= preferred), default=min(widths))
+
+
 class OpenCLBackend(Backend):
     name = "opencl"
 
     def __init__(self, sources: dict[int, str], logical_devices: Sequence[int],
-                 physical: dict[int, int] | None = None):
+                 physical: dict[int, int] | None = None, cpu_sources: dict[int, str] | None = None,
+                 cpu_width: int = 0):
         """`sources` maps each logical device to the OpenCL C its kernels are in; `physical`
-        maps each logical device to an OpenCL device (an index into the usable devices)."""
+        maps each logical device to an OpenCL device (an index into the usable devices);
+        `cpu_sources` are the same kernels for the CPU target, of vector width `cpu_width`."""
         try:
             import pyopencl as cl
         except ImportError as e:                      # a regular dependency, but say so clearly
@@ -122,7 +176,9 @@ class OpenCLBackend(Backend):
         self.queues: dict[tuple[int, str], object] = {}     # (logical device, stream) -> in-order queue
         self.device_names = [devices[p].name.strip() for p in self.used]
         self.events: dict[str, object] = {}
-        self._sources = dict(sources)
+        self.cpu = cpu_target(self.device, bool(cpu_sources), cpu_width)
+        self._launch_dialect = OPENCL_CPU_NAME if self.cpu else "opencl"
+        self._sources = dict(cpu_sources if self.cpu else sources)
         self._programs: dict[str, object] = {}           # OpenCL C source -> built program
         self._kernels: dict[tuple[int, str], object] = {}
 
@@ -182,7 +238,7 @@ class OpenCLBackend(Backend):
         return out
 
     def launch(self, kernel: Kernel, device: int, args: Sequence, stream: str = "compute") -> None:
-        launch = kernel.launch["opencl"]
+        launch = kernel.launch.get(self._launch_dialect) or kernel.launch["opencl"]
         grid, block = launch["grid"], launch["block"]
         global_size = tuple(g * b for g, b in zip(grid, block))
         # buffers are (cl.Buffer, device); numpy integers are int scalars (Role.INT_SCALAR)
@@ -208,4 +264,5 @@ class OpenCLBackend(Backend):
     def describe(self) -> str:
         where = self.device_names[0] if len(self.used) == 1 else f"{len(self.used)} devices: " + \
             ", ".join(self.device_names)
-        return f"opencl ({where}, {self.device.platform.name.strip()})"
+        target = ", CPU kernels" if self.cpu else ""
+        return f"opencl ({where}, {self.device.platform.name.strip()}{target})"

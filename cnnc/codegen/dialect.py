@@ -9,12 +9,12 @@ Templates and neuron expressions name C's math functions through
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Dialect:
-    name: str                    # "cuda" | "opencl"
+    name: str                    # "cuda" | "opencl" | "opencl-cpu"
     extension: str
     prelude: str                 # file under runtime/
     kernel: str                  # qualifier(s) before `void name(...)`
@@ -29,6 +29,8 @@ class Dialect:
     threads_1d: int              # work-group size of element-wise kernels
     reduce_threads: int          # work-group size of reductions (power of two)
     float_suffix: str            # single-precision math is C's function name with this suffix
+    # floats per OpenCL vector of the CPU-shaped kernels (0: this dialect has none); see opencl_cpu
+    vector_width: int = 0
 
     def math(self, name: str) -> str:
         """This target's single-precision spelling of C math function `name` (exp, fmax, ...):
@@ -71,3 +73,17 @@ OPENCL = Dialect(
 )
 
 DIALECTS = {d.name: d for d in (CUDA, OPENCL)}
+
+# The OpenCL target of CPU devices: OpenCL's spellings, and for the ops that have one a kernel
+# shaped for a CPU (templates/cpu_gemm.j2, cnnc.codegen.render.cpu_kernel), written to
+# gpu<k>.cpu.cl beside gpu<k>.cl with its launches under this name in plan.json.
+CPU_WIDTHS = (16, 8, 4)
+OPENCL_CPU_NAME = "opencl-cpu"
+
+
+def opencl_cpu(width: int) -> Dialect:
+    """The CPU target with vectors of `width` floats, a compile-time choice (cnnc compile
+    --cpu-width) since the register blocks are written out for it."""
+    if width not in CPU_WIDTHS:
+        raise ValueError(f"CPU vector width {width}: choose {', '.join(map(str, CPU_WIDTHS))}")
+    return replace(OPENCL, name=OPENCL_CPU_NAME, extension="cpu.cl", vector_width=width)

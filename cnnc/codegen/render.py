@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import jinja2
 
-from cnnc.codegen.dialect import Dialect
+from cnnc.codegen.dialect import OPENCL_CPU_NAME, Dialect
 from cnnc.diagnostics import CompileError, Diagnostic, Span, source_lines
 from cnnc.frontend.ast import FLOAT32_MAX
 from cnnc.neurons import Neuron
@@ -171,6 +171,92 @@ class _Threads:
     threads: int
 
 
+# --- the CPU target ----------------------------------------------------------------------
+# On a CPU, PoCL runs a work-group as a loop over its work-items on one thread and keeps values
+# that live across a barrier in memory; its vectoriser gives up on reduction loops.  So the CPU
+# kernels are work-groups of one work-item, without barriers, whose register block is written
+# out in OpenCL vector types: the vectors run over the outputs whose weights are contiguous in a
+# packed panel, and each input value is broadcast to them.
+
+# the vector registers a CPU of each width has (AVX-512: 32; AVX2 and SSE: 16)
+_CPU_REGISTERS = {16: 32, 8: 16, 4: 16}
+# bytes of work-group memory a packed weight panel may take: well within what CPU devices offer
+_CPU_PANEL_BYTES = 256 * 1024
+# work-groups to aim for, so that every core has several to balance
+_CPU_WORK_GROUPS = 32
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    """A CPU kernel's blocking: `vectors` vectors of `width` outputs (lanes) times up to
+    `columns` broadcast columns held in registers, `chunk` units (conv: output rows, fc: cases)
+    per work-group, and the reduction walked as `outer` steps of `unroll` (compile-time) indices."""
+    width: int
+    vectors: int
+    columns: int
+    chunk: int
+    outer: int
+    unroll: int
+
+    @property
+    def lanes(self) -> int:
+        return self.width * self.vectors
+
+
+def _cpu_gemm(op: str, p: dict, g: dict) -> tuple[int, int, int, int]:
+    """(lanes, units, columns per unit, reduction unroll) of a CPU kernel.  A convolution is
+    vectorised over the GEMM's M (filters; channels for bwd_data) and walks output rows of
+    pixels; an fc op is vectorised over the GEMM's N and walks its M, one column each.  The
+    GEMM itself is the op registry's."""
+    if op == "conv_fwd":
+        return g["M"], p["N"] * p["P"], p["Q"], p["S"]
+    if op == "conv_bwd_data":
+        return g["M"], p["N"] * p["H"], p["W"], p["S"]
+    return g["N"], g["M"], g["M"], next(u for u in (4, 2, 1) if g["K"] % u == 0)
+
+
+# The ops with a CPU kernel (templates/cpu_gemm.j2) and the params it needs of them
+_CPU_OPS = {"conv_fwd": lambda p: True, "conv_bwd_data": lambda p: p["stride"] == 1,
+            "fc_fwd": lambda p: True, "fc_bwd_data": lambda p: True, "fc_bwd_filter": lambda p: True}
+
+
+def cpu_kernel(k: Kernel, width: int) -> bool:
+    """Does kernel `k` get a CPU-shaped kernel at this vector width?  conv forward, conv
+    backward-data with stride 1 and the fc ops do when their packed weight panel fits in
+    work-group memory; every other kernel runs its GPU-shaped OpenCL kernel on the CPU too."""
+    if k.op not in _CPU_OPS or not _CPU_OPS[k.op](k.params):
+        return False
+    return _cpu_tiles(k, width).lanes * OPS[k.op].gemm(k.params)["K"] * 4 <= _CPU_PANEL_BYTES
+
+
+def _cpu_tiles(k: Kernel, width: int) -> CpuTiles:
+    g = OPS[k.op].gemm(k.params)
+    lanes, units, columns, unroll = _cpu_gemm(k.op, k.params, g)
+    registers = _CPU_REGISTERS[width]
+    vectors = 2 if lanes > width and registers >= 32 else 1
+    # accumulators and the weight vectors within the registers, and at most 8 columns: PoCL
+    # keeps a loaded input value live across taps, and wider blocks measured slower (spills)
+    most = max(1, min(columns, (registers - vectors - 2) // vectors, 8))
+    block = -(-columns // -(-columns // most))          # segments of a row as equal as they can be
+    lane_blocks = -(-lanes // (width * vectors))
+    groups = max(1, -(-_CPU_WORK_GROUPS // (lane_blocks * g.get("batch", 1))))
+    return CpuTiles(width, vectors, block, -(-units // groups), g["K"] // unroll, unroll)
+
+
+def plan_cpu_width(kernels) -> int:
+    """The vector width a plan's CPU kernels were generated for (0: it has none)."""
+    return max((k.launch[OPENCL_CPU_NAME]["width"] for k in kernels if OPENCL_CPU_NAME in k.launch), default=0)
+
+
+def cpu_geometry(k: Kernel, width: int) -> tuple[dict, CpuTiles]:
+    """A CPU kernel's launch: grid (chunks of units, lane blocks, groups), one work-item each."""
+    t = _cpu_tiles(k, width)
+    g = OPS[k.op].gemm(k.params)
+    lanes, units, _, _ = _cpu_gemm(k.op, k.params, g)
+    grid = [-(-units // t.chunk), -(-lanes // t.lanes), g.get("batch", 1)]
+    return {"grid": grid, "block": [1, 1, 1], "width": width}, t
+
+
 # --- rendering -----------------------------------------------------------------------
 
 def signature(op: str, d: Dialect) -> str:
@@ -191,10 +277,16 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
     """The source of one kernel in one dialect, and its launch geometry."""
     if not _IDENTIFIER.fullmatch(k.name):      # layer names are identifiers, and so are the planner's tags
         raise ValueError(f"kernel name {k.name!r} is not a C identifier")
-    launch, t = geometry(k, d)
+    cpu = bool(d.vector_width) and cpu_kernel(k, d.vector_width)
+    launch, t = cpu_geometry(k, d.vector_width) if cpu else geometry(k, d)
     notes = []
     spec = OPS[k.op]
-    if spec.gemm:
+    if cpu:
+        g = spec.gemm(k.params)
+        units = "output rows" if k.op.startswith("conv") else "columns"
+        notes.append(f"CPU: GEMM M={g['M']} N={g['N']} K={g['K']}; {t.vectors} x float{t.width} outputs x "
+                     f"{t.columns} broadcast columns in registers, {t.chunk} {units} per work-item")
+    elif spec.gemm:
         g = spec.gemm(k.params)
         notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
                      f"{t.TM}x{t.TN} per thread, {t.threads} threads")
@@ -221,7 +313,7 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         global_case=lambda var: global_case(k.params, var),
     )
     try:
-        text = _env().get_template(f"{spec.family}.j2").render(**ctx)
+        text = _env().get_template("cpu_gemm.j2" if cpu else f"{spec.family}.j2").render(**ctx)
     except ConstantRangeError as e:
         raise CompileError(Diagnostic(f"layer '{k.layer}' needs the constant {e.args[0]:g} in its kernel "
                                       f"{k.name}, more than a 32-bit float holds", file,

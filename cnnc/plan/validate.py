@@ -19,6 +19,8 @@ from cnnc.plan.memory import lifetimes
 from cnnc.plan.schedule import Plan
 
 DIALECT_NAMES = ("cuda", "opencl")
+# launch geometry only the kernels that have such a shape carry (the CPU-shaped OpenCL kernels)
+OPTIONAL_DIALECTS = ("opencl-cpu",)
 OP_KINDS = ("launch", "copy", "upload", "record", "wait")
 STREAMS = ("compute", "copy-in")
 COUNTERS = ("seed", "step")          # the executor's named integer scalars
@@ -102,7 +104,7 @@ def _check_kernel(k) -> None:
     _check(isinstance(k.params, dict), f"{where}: params must be an object")
     _check(isinstance(k.launch, dict), f"{where}: launch must be an object")
     for dialect, geo in k.launch.items():
-        _check(dialect in DIALECT_NAMES and isinstance(geo, dict), f"{where}: unknown launch dialect {dialect!r}")
+        _check(dialect in DIALECT_NAMES + OPTIONAL_DIALECTS and isinstance(geo, dict), f"{where}: unknown launch dialect {dialect!r}")
         for key in ("grid", "block"):
             dims = geo.get(key)
             _check(isinstance(dims, list) and len(dims) == 3 and all(_is_int(d) and 1 <= d < 2**31 for d in dims),
