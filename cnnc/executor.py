@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cnnc.backends.base import Backend, BackendError
+from cnnc.distributed import Transport, owned_devices
 from cnnc.ir import Schedule
 from cnnc.ops import OPS, Role
 from cnnc.plan.schedule import Buffer, Op, Plan
@@ -66,9 +67,22 @@ def check_memory(backend: Backend, storages: list[Buffer]) -> None:
 
 
 class Executor:
-    def __init__(self, plan: Plan, backend: Backend, parameters: dict[str, np.ndarray] | None = None):
+    """Runs a plan's programs; with a `transport`, only the logical devices this rank owns,
+    and every host-side answer (costs, parameters, flags) is the same on every rank."""
+
+    def __init__(self, plan: Plan, backend: Backend, parameters: dict[str, np.ndarray] | None = None,
+                 transport: Transport | None = None):
         self.plan = plan
         self.backend = backend
+        self.transport = transport
+        devices = plan.devices
+        self.owner = {d: 0 for d in devices}
+        if transport is not None:
+            for rank in range(transport.size):
+                self.owner.update({d: rank for d in owned_devices(devices, rank, transport.size)})
+        self.rank = transport.rank if transport is not None else 0
+        self.local = {d for d, rank in self.owner.items() if rank == self.rank}
+        self._recorders: dict[str, dict[str, int]] = {}
         self.handles = self._allocate()
         self.host: dict[str, np.ndarray] = {}
         self.counters: dict[str, int] = {"seed": plan.seed, "step": 0}   # named integer scalars
@@ -78,13 +92,41 @@ class Executor:
         """One allocation per storage (buffers with disjoint lifetimes share one), sized for
         its largest buffer; every buffer id maps to its storage's handle."""
         biggest: dict[str, Buffer] = {}
-        for b in self.plan.buffers.values():
+        for b in self._local_buffers():
             if b.storage not in biggest or b.size > biggest[b.storage].size:
                 biggest[b.storage] = b
         storages = [Buffer(s, b.device, b.size, b.dtype, b.role, b.layer) for s, b in biggest.items()]
         check_memory(self.backend, storages)
         storage = {b.id: self.backend.alloc(b, b.device) for b in storages}
-        return {b.id: self.backend.view(storage[b.storage], b) for b in self.plan.buffers.values()}
+        return {b.id: self.backend.view(storage[b.storage], b) for b in self._local_buffers()}
+
+    def _local_buffers(self) -> list[Buffer]:
+        return [b for b in self.plan.buffers.values() if b.device in self.local]
+
+    def _is_local(self, buffer_id: str) -> bool:
+        return self.plan.buffers[buffer_id].device in self.local
+
+    def _read_anywhere(self, buffer_ids: list[str]) -> dict[str, np.ndarray]:
+        """Buffers of any rank's devices, read by their owners and shared with every rank."""
+        self.backend.synchronize()
+        mine = {b: self.read(b) for b in buffer_ids if self._is_local(b)}
+        if self.transport is None:
+            return mine
+        out: dict[str, np.ndarray] = {}
+        for values in self.transport.allgather(mine, "buffers read on their owning rank"):
+            out.update(values)
+        return out
+
+    def local_cases(self, program: str = "train") -> np.ndarray:
+        """Which cases of the minibatch the `upload` ops of this rank's devices read."""
+        used = np.zeros(self.plan.batch, bool)
+        for dev, ops in self.plan.programs[program].items():
+            if dev in self.local:
+                for op in ops:
+                    if op.kind == "upload":
+                        for start, count in op.cases:
+                            used[start:start + count] = True
+        return used
 
     # -- parameters ---------------------------------------------------------------
     def set_parameters(self, values: dict[str, np.ndarray],
@@ -100,22 +142,24 @@ class Executor:
                     if value.shape != tuple(p.shape):
                         raise ValueError(f"{p.export_name}: expected shape {tuple(p.shape)}, got {value.shape}")
                 for buf, inc_buf in zip(p.buffers, p.incs):
+                    if not self._is_local(buf):
+                        continue
                     self.backend.upload(self.handles[buf], v.reshape(-1))
                     self.backend.upload(self.handles[inc_buf], inc.reshape(-1))
 
     def momenta(self) -> dict[str, np.ndarray]:
         """Current momentum of every parameter by export name (replica 0, as `parameters`)."""
-        self.backend.synchronize()
-        return {p.export_name: self.read(p.incs[0]).reshape(p.shape) for p in self.plan.parameters}
+        values = self._read_anywhere([p.incs[0] for p in self.plan.parameters])
+        return {p.export_name: values[p.incs[0]].reshape(p.shape) for p in self.plan.parameters}
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Current parameter values by export name (replica 0; the replicas are identical)."""
-        self.backend.synchronize()
-        return {p.export_name: self.read(p.buffers[0]).reshape(p.shape) for p in self.plan.parameters}
+        values = self._read_anywhere([p.buffers[0] for p in self.plan.parameters])
+        return {p.export_name: values[p.buffers[0]].reshape(p.shape) for p in self.plan.parameters}
 
     def replica_parameters(self) -> dict[str, list[np.ndarray]]:
-        self.backend.synchronize()
-        return {p.export_name: [self.read(b).reshape(p.shape) for b in p.buffers] for p in self.plan.parameters}
+        values = self._read_anywhere([b for p in self.plan.parameters for b in p.buffers])
+        return {p.export_name: [values[b].reshape(p.shape) for b in p.buffers] for p in self.plan.parameters}
 
     def read(self, buffer_id: str) -> np.ndarray:
         return self.backend.download(self.handles[buffer_id], self.plan.buffers[buffer_id])
@@ -124,18 +168,22 @@ class Executor:
     def parameters_flagged(self) -> bool:
         """Whether the training program's check has found a NaN or an infinity in a parameter
         on some device since the last `restore` (the flags only ever go from 0 to 1)."""
-        return any(int(self.read(b.id)[0]) for b in self.plan.buffers.values() if b.role == "health")
+        flagged = any(int(self.read(b.id)[0]) for b in self._local_buffers() if b.role == "health")
+        if self.transport is None:
+            return flagged
+        return any(self.transport.allgather(flagged, "the other ranks' parameter checks"))
 
     def snapshot(self) -> dict[str, np.ndarray]:
-        """Host copy of the whole training state: every replica's parameters and momenta."""
+        """Host copy of the whole training state: every replica's parameters and momenta
+        (of this rank's devices)."""
         self.backend.synchronize()
-        return {b: self.read(b) for p in self.plan.parameters for b in p.buffers + p.incs}
+        return {b: self.read(b) for p in self.plan.parameters for b in p.buffers + p.incs if self._is_local(b)}
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         """Put a `snapshot` back and zero every other buffer, flags included, so that nothing
         left by a later step (which may be non-finite) survives into a replay."""
         self.backend.synchronize()
-        for b in self.plan.buffers.values():
+        for b in self._local_buffers():
             value = state.get(b.id)
             self.backend.upload(self.handles[b.id], value if value is not None else
                                 np.zeros(b.size, np.int32 if b.dtype == "i32" else np.float32))
@@ -156,9 +204,17 @@ class Executor:
                 args.append(self.handles[next(buffers)])
         return args
 
-    def _execute(self, device: int, op: Op, progress: float) -> None:
+    def _execute(self, device: int, op: Op, progress: float, recorders: dict[str, int]) -> None:
         b = self.backend
-        if op.kind == "launch":
+        if device not in self.local:
+            if op.kind == "copy" and self._is_local(op.src):
+                self._send_copy(device, op)
+            return
+        if op.kind == "copy" and not self._is_local(op.src):
+            self._receive_copy(op)
+        elif op.kind == "wait" and recorders[op.event] not in self.local:
+            pass                            # the message carrying the data is the synchronisation
+        elif op.kind == "launch":
             b.launch(self.plan.kernels[op.kernel], device, self._launch_args(op, progress), op.stream)
         elif op.kind == "copy":
             src = self.plan.buffers[op.src]
@@ -175,12 +231,31 @@ class Executor:
         else:
             raise ExecutionError(f"unknown op kind {op.kind!r}")
 
+    def _send_copy(self, device: int, op: Op) -> None:
+        """The source half of a copy to another rank's device: the values as they are now."""
+        self.backend.synchronize()
+        values = self.read(op.src)[op.src_offset:op.src_offset + op.count]
+        self.transport.send(np.array(values), self.owner[device])
+
+    def _receive_copy(self, op: Op) -> None:
+        """The destination half of a copy from another rank's device, staged through the host."""
+        src = self.plan.buffers[op.src].device
+        values = self.transport.recv(self.owner[src], f"{op.src} (logical device {src}) for {op.dst}")
+        self.backend.synchronize()
+        dst = np.array(self.read(op.dst))
+        dst[op.dst_offset:op.dst_offset + op.count] = values
+        self.backend.upload(self.handles[op.dst], dst, op.stream)
+
     def run(self, program: str, progress: float = 0.0, timer=None) -> None:
         """Run one program: every device's ops in order, honouring cross-device events.
 
         With `timer(device, op, seconds)`, every op is timed on its own (the backend is
         synchronised around it), which is what `cnnc bench` uses for per-layer numbers."""
         programs = self.plan.programs[program]
+        if program not in self._recorders:
+            self._recorders[program] = {op.event: d for d, ops in programs.items() for op in ops
+                                        if op.kind == "record"}
+        recorders = self._recorders[program]
         position = {d: 0 for d in programs}
         recorded: set[str] = set()
         remaining = sum(len(ops) for ops in programs.values())
@@ -191,12 +266,12 @@ class Executor:
                     op = ops[position[dev]]
                     if op.kind == "wait" and op.event not in recorded:
                         break
-                    if timer is None:
-                        self._execute(dev, op, progress)
+                    if timer is None or dev not in self.local:
+                        self._execute(dev, op, progress, recorders)
                     else:
                         self.backend.synchronize()
                         t0 = time.perf_counter()
-                        self._execute(dev, op, progress)
+                        self._execute(dev, op, progress, recorders)
                         self.backend.synchronize()
                         timer(dev, op, time.perf_counter() - t0)
                     if op.kind == "record":
@@ -217,10 +292,13 @@ class Executor:
         """Per-case loss and correctness of the first cost layer, in minibatch order."""
         self.backend.synchronize()
         loss, correct = np.zeros(self.plan.batch, np.float32), np.zeros(self.plan.batch, np.float32)
-        for out in self.plan.costs[0]["outputs"]:
-            values = self.read(out["loss"]), self.read(out["correct"])
+        outputs = [(out["cases"], self.read(out["loss"]), self.read(out["correct"]))
+                   for out in self.plan.costs[0]["outputs"] if self._is_local(out["loss"])]
+        if self.transport is not None:
+            outputs = [o for rank in self.transport.allgather(outputs, "the other ranks' costs") for o in rank]
+        for cases, *values in outputs:
             at = 0
-            for start, count in out["cases"]:
+            for start, count in cases:
                 loss[start:start + count] = values[0][at:at + count]
                 correct[start:start + count] = values[1][at:at + count]
                 at += count

@@ -22,8 +22,12 @@ _DONE = object()
 
 
 class Loader:
-    def __init__(self, plan: Plan, ds: Dataset, ahead: int = AHEAD):
+    """`used`: the minibatch positions to read (the cases of one rank's devices); the others
+    stay zero, and the crops are drawn for the whole batch, so every case is as in a full load."""
+
+    def __init__(self, plan: Plan, ds: Dataset, ahead: int = AHEAD, used: np.ndarray | None = None):
         self.plan, self.ds, self.ahead = plan, ds, ahead
+        self.used = None if used is None or used.all() else used
         self.per_epoch = batches_per_epoch(ds, plan.batch)
         self._orders: dict[int, np.ndarray] = {}
 
@@ -38,9 +42,15 @@ class Loader:
         b = self.plan.batch
         cases = self.order(epoch)[index * b:(index + 1) * b]
         crops = np.random.default_rng([self.plan.seed, epoch, 1, index])
-        x = np.ascontiguousarray(self.ds.train_x[cases], dtype=np.float32)
-        return (fit_images(x, self.plan.image_shape, crops),
-                np.ascontiguousarray(self.ds.train_y[cases], dtype=np.int32))
+        if self.used is None:
+            x = np.ascontiguousarray(self.ds.train_x[cases], dtype=np.float32)
+            y = np.ascontiguousarray(self.ds.train_y[cases], dtype=np.int32)
+        else:
+            x = np.zeros((len(cases),) + tuple(self.ds.image_shape), np.float32)
+            y = np.zeros(len(cases), np.int32)
+            x[self.used] = self.ds.train_x[cases[self.used]]
+            y[self.used] = self.ds.train_y[cases[self.used]]
+        return fit_images(x, self.plan.image_shape, crops), y
 
     def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches `start` .. `stop` - 1 of `epoch`, prepared ahead in a thread; closing the

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from cnnc.backends.base import Backend
+from cnnc.distributed import Transport
 from cnnc.executor import Executor
 from cnnc.plan.schedule import Plan
 from cnnc.build import write_atomic
@@ -42,11 +43,12 @@ class Evaluation:
     test_loss: float | None
     images_per_s: float
     backend: str
+    ranks: int = 1                      # MPI processes the run is spread over
 
     def to_json(self) -> dict:
         tested = {"test_error": self.test_error, "test_loss": self.test_loss} if self.test_error is not None else {}
         return {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss, **tested,
-                "images_per_s": self.images_per_s, "backend": self.backend}
+                "images_per_s": self.images_per_s, "backend": self.backend, "ranks": self.ranks}
 
 
 def check_data(plan: Plan, ds: Dataset) -> None:
@@ -94,7 +96,7 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
           test_freq: int = 0, progress: Callable | None = None,
           parameters: dict[str, np.ndarray] | None = None, *, steps: int | None = None,
           save_freq: int = 0, keep: int = 3, test: bool = True, resume: Checkpoint | None = None,
-          build_hash: str = "") -> list[Evaluation]:
+          build_hash: str = "", transport: Transport | None = None) -> list[Evaluation]:
     """Train until `steps` steps or `epochs` epochs are done, whichever comes first (that
     number is the learning-rate schedule's total); returns every evaluation (also in
     save_dir/metrics.jsonl).
@@ -102,20 +104,26 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
     A checkpoint is written every `save_freq` steps (0: at the end of every epoch), at the
     end, and when Ctrl-C or SIGTERM arrives (which then takes effect after the step); the
     newest `keep` are kept.  With `resume`, training continues from that checkpoint exactly
-    as the run that wrote it would have."""
+    as the run that wrote it would have.
+
+    With a `transport`, every rank calls this alike; rank 0 alone writes files and shows progress."""
     check_data(plan, ds)
-    loader = Loader(plan, ds)
+    ex = Executor(plan, backend, parameters, transport)
+    writes = transport is None or transport.root
+    progress = progress if writes else None
+    loader = Loader(plan, ds, used=ex.local_cases() if transport is not None else None)
     per_epoch = loader.per_epoch
     total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
-    ex = Executor(plan, backend, parameters)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    if writes:
+        save_dir.mkdir(parents=True, exist_ok=True)
     metrics = save_dir / "metrics.jsonl"
     step = 0
     if resume is not None:
         _check_data_matches(resume, loader, ds)
         ex.set_parameters(resume.parameters, resume.momenta)
         step = ex.counters["step"] = resume.step
-        _drop_metrics_after(metrics, step)
+        if writes:
+            _drop_metrics_after(metrics, step)
     history: list[Evaluation] = []
     saved = min(step, total) // per_epoch           # the last epoch whose parameters are on disk
 
@@ -125,11 +133,12 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
             raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir, saved)
         if position == per_epoch:                   # the epoch is done: the next step starts the next one
             epoch, position, loss_sum, seen = epoch + 1, 0, 0.0, 0
-        save_checkpoint(save_dir, Checkpoint(
-            step=step, total_steps=total, epochs=epochs, steps=steps, parameters=params, momenta=momenta,
-            order=loader.order(epoch), epoch=epoch, position=position, epoch_loss=loss_sum, epoch_cases=seen,
-            network=plan.network, fingerprint=network_fingerprint(plan), build_hash=build_hash, seed=plan.seed,
-            data=_data_facts(ds, per_epoch), mean=ds.mean), keep)
+        if writes:
+            save_checkpoint(save_dir, Checkpoint(
+                step=step, total_steps=total, epochs=epochs, steps=steps, parameters=params, momenta=momenta,
+                order=loader.order(epoch), epoch=epoch, position=position, epoch_loss=loss_sum, epoch_cases=seen,
+                network=plan.network, fingerprint=network_fingerprint(plan), build_hash=build_hash, seed=plan.seed,
+                data=_data_facts(ds, per_epoch), mean=ds.mean), keep)
 
     loss = np.zeros(1, np.float32)
     with _deferred_signals() as pending:
@@ -144,7 +153,10 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
             state, first_step = ex.snapshot(), step          # what a replay after a divergence starts from
             with closing(loader.epoch(epoch, position, stop)) as batches:
                 for x, by in batches:
+                    started = time.perf_counter()
                     loss, correct = ex.train_step(x, by, step / total)
+                    if transport is not None:
+                        transport.step_took(time.perf_counter() - started)
                     step += 1
                     position += 1
                     if not np.isfinite(loss).all() or ex.parameters_flagged():
@@ -161,14 +173,14 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
                     epoch_done, last = position == per_epoch, step == total
                     if epoch_done or last or (test_freq and step % test_freq == 0):
                         history.append(_record(ex, ds, plan, epoch, step, loss_sum / seen, rate, backend,
-                                               metrics, test))
+                                               metrics if writes else None, test))
                     if epoch_done or last:
                         params = ex.parameters()
                         if not finite_arrays(params):       # only a plan without the parameter check gets here
                             raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir,
                                             saved)
-                        save_weights(save_dir / WEIGHTS_FILE, params,      # after every epoch, atomically
-                                     data_metadata(ds.class_names, ds.mean))
+                        if writes:                               # after every epoch, atomically
+                            save_weights(save_dir / WEIGHTS_FILE, params, data_metadata(ds.class_names, ds.mean))
                         saved = epoch if epoch_done else saved
                     if last or pending or (step % save_freq == 0 if save_freq else epoch_done):
                         checkpoint(epoch, position, loss_sum, seen)
@@ -178,6 +190,8 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
                         _raise_pending(pending)
             if bar:
                 bar.close()
+    if transport is not None:
+        transport.finish()
     return history
 
 
@@ -264,18 +278,26 @@ def _diverged(ex: Executor, loader: Loader, epoch: int, state: dict, first_step:
     total_loss = float(loss.astype(np.float64).sum())
     reason = f"the loss is {total_loss}" if not math.isfinite(total_loss) else \
         "a parameter is not finite after the update"
-    batches = loader.epoch(epoch, first_step - (epoch - 1) * loader.per_epoch)
-    with closing(batches):
-        where = locate_divergence(ex, state, first_step, step - 1, total, batches)
-    found = f"first non-finite value: {where}" if where else "the replayed step produced no non-finite value"
+    if ex.transport is not None:        # the replay stops at the first bad launch, which one rank alone sees
+        found = "run it as one process to find the first non-finite value"
+    else:
+        batches = loader.epoch(epoch, first_step - (epoch - 1) * loader.per_epoch)
+        with closing(batches):
+            where = locate_divergence(ex, state, first_step, step - 1, total, batches)
+        found = f"first non-finite value: {where}" if where else "the replayed step produced no non-finite value"
     path = save_dir / WEIGHTS_FILE
     kept = f"{path} holds epoch {saved}" if saved else f"{path} was not written"
     return TrainingDiverged(f"training diverged at step {step} (epoch {epoch}): {reason}; {found}; {kept}")
 
 
-def _record(ex, ds, plan, epoch, step, train_loss, rate, backend, metrics: Path, test: bool) -> Evaluation:
+def _record(ex, ds, plan, epoch, step, train_loss, rate, backend, metrics: Path | None,
+            test: bool) -> Evaluation:
+    """Evaluate (on every rank) and append the record to `metrics` (None: another rank writes it)."""
     test_loss, test_error = evaluate(ex, ds.test_x, ds.test_y, plan.batch) if test else (None, None)
-    ev = Evaluation(epoch, step, train_loss, test_error, test_loss, rate, backend.name)
+    ev = Evaluation(epoch, step, train_loss, test_error, test_loss, rate, backend.name,
+                    ex.transport.size if ex.transport is not None else 1)
+    if metrics is None:
+        return ev
     with open(metrics, "a") as f:          # one whole line per write: a crash loses at most this line
         f.write(json.dumps(json_record(ev.to_json()), allow_nan=False) + "\n")
     return ev
