@@ -12,6 +12,7 @@ they never show a Python traceback.  Exit statuses:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -24,6 +25,8 @@ from cnnc import __version__
 from cnnc.backends.base import BackendError
 from cnnc.build_dir import BuildError, build_lock
 from cnnc.diagnostics import CompileError
+from cnnc.distributed import DEFAULT_TIMEOUT, STEP_TIMEOUTS, CommError, abort_on_failure, launched_rank
+from cnnc.perf import PerfError
 from cnnc.train.data import DataError
 from cnnc.train.health import TrainingDiverged
 from cnnc.train.weights import WeightsError
@@ -62,7 +65,7 @@ def _guard(fn):
         except TrainingDiverged as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(DIVERGED)
-        except (DataError, BackendError, WeightsError, BuildError) as e:
+        except (DataError, BackendError, WeightsError, BuildError, PerfError, CommError) as e:
             _fail(f"error: {e}")
         except OSError as e:            # e.g. -o below a regular file, a full disk
             where = f"{e.filename}: " if e.filename else ""
@@ -83,7 +86,8 @@ def _holding_build(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with build_lock(kwargs["build_dir"]):
+        # the ranks of one MPI job share the build: rank 0 holds it for all of them
+        with build_lock(kwargs["build_dir"]) if launched_rank() == 0 else contextlib.nullcontext():
             return fn(*args, **kwargs)
     return wrapper
 
@@ -181,18 +185,27 @@ def import_(layers: Path, params: Path, input_shapes, mini: int | None, classes:
 @click.option("--force", is_flag=True, help="Rebuild even when the build directory is up to date.")
 @click.option("--params", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With a cuda-convnet2 layer-definition file as SOURCE: its layer-parameter file.")
+@click.option("--cpu-width", type=click.Choice(["16", "8", "4"]), default=None,
+              help="Floats per vector of the CPU OpenCL kernels (gpu<k>.cpu.cl) [default: the local OpenCL "
+                   "CPU device's preferred width, 16 without one].")
 @_ccn2_options
 @_guard
 def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool, params: Path | None,
-            input_shapes, mini: int | None, classes: int | None) -> None:
+            cpu_width: str | None, input_shapes, mini: int | None, classes: int | None) -> None:
     """Compile SOURCE into a build directory.
 
     SOURCE is a .cnn file, or a cuda-convnet2 layer-definition file (.cfg)
     given with --params, which is imported first (as by cnnc import); the
     build directory keeps the imported network as source.cnn.
     """
-    from cnnc.build import compile_file, compile_network, write_atomic
+    from cnnc.build import DEFAULT_CPU_WIDTH, compile_file, compile_network, write_atomic
+    from cnnc.codegen.dialect import CPU_WIDTHS
 
+    if cpu_width is None:
+        from cnnc.backends.opencl import preferred_cpu_width
+        width = preferred_cpu_width(CPU_WIDTHS) or DEFAULT_CPU_WIDTH
+    else:
+        width = int(cpu_width)
     ccn2 = params is not None or source.suffix == ".cfg"
     imported = None
     if ccn2:
@@ -203,7 +216,7 @@ def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool, para
         cnn = out_dir / "source.cnn"             # the build keeps the source it compiled under this name
         try:
             result = compile_network(imported.text, str(cnn), out_dir, archs=_archs(archs),
-                                     use_nvcc=not no_nvcc, force=force)
+                                     use_nvcc=not no_nvcc, force=force, cpu_width=width)
         except CompileError as e:
             raise imported.relocate(e) from None
         if not cnn.is_file():
@@ -212,7 +225,8 @@ def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool, para
         if input_shapes or mini is not None or classes is not None:
             raise click.UsageError("--input-shape, --mini and --classes apply to cuda-convnet2 .cfg files "
                                    "(with --params)")
-        result = compile_file(source, out_dir, archs=_archs(archs), use_nvcc=not no_nvcc, force=force)
+        result = compile_file(source, out_dir, archs=_archs(archs), use_nvcc=not no_nvcc, force=force,
+                              cpu_width=width)
     if result.up_to_date:
         click.echo(f"{out_dir}: up to date")
         return
@@ -246,18 +260,104 @@ def check(source: Path) -> None:
                    f"  @gpu({','.join(map(str, l.gpus))})")
 
 
+def _machine_options(fn):
+    fn = click.option("--machine-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                      help="Further machines and links (JSON, the layout of the shipped machines.json).")(fn)
+    return fn
+
+
+def _machine(name: str, machine_file: Path | None):
+    """The machine model; `cpu` is calibrated first when it has no cached calibration."""
+    from cnnc.perf.calibrate import machine
+
+    return machine(name, machine_file, on_calibrate=lambda: click.echo(
+        "note: calibrating this machine's OpenCL device first (cnnc calibrate)", err=True))
+
+
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@click.option("--roofline", is_flag=True, help="Per layer: FLOPs, DRAM bytes, intensity, bound and predicted "
+                                               "time on --machine (with --json: a roofline object per kernel).")
+@click.option("--machine", "machine_name", default=None, metavar="NAME",
+              help="Machine model of --roofline: k20, k20x, titanx, v100, a100, h100, h200, cpu, or one of "
+                   "--machine-file.")
+@_machine_options
 @_guard
-def plan(build_dir: Path, as_json: bool) -> None:
+def plan(build_dir: Path, as_json: bool, roofline: bool, machine_name: str | None, machine_file: Path | None) -> None:
     """Show the schedule of a build directory: per device, its kernels in order."""
     from cnnc.build import open_build
     from cnnc.plan.summary import summarize, format_summary
 
+    if roofline and machine_name is None:
+        _fail("error: --roofline needs --machine NAME (e.g. --machine h100)")
     p, manifest = open_build(build_dir)
-    s = summarize(p, manifest)
-    click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+    if machine_name is None:
+        s = summarize(p, manifest)
+        click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+        return
+    from cnnc.perf.roofline import format_rooflines, layer_rooflines, plan_rooflines
+
+    m = _machine(machine_name, machine_file)
+    rooflines = plan_rooflines(p, m, manifest)
+    layers = layer_rooflines(p, rooflines)
+    if as_json:
+        s = summarize(p, manifest, rooflines)
+        s["roofline"] = {"machine": m.name, "ridge_intensity": m.ridge_intensity, "layers": layers}
+        click.echo(json.dumps(s, indent=1))
+    else:
+        click.echo(format_rooflines(p, m, layers))
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--machine", "machine_name", required=True, metavar="NAME",
+              help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, cpu, or one of --machine-file.")
+@_machine_options
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Physical devices; logical device d runs on d mod N [default: one per logical device].")
+@click.option("--link", "link_name", default=None, metavar="NAME",
+              help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")
+@click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the simulated step as Chrome trace-event JSON (opens in Perfetto).")
+@_guard
+def simulate(build_dir: Path, machine_name: str, machine_file: Path | None, devices: int | None,
+             link_name: str | None, as_json: bool, trace_file: Path | None) -> None:
+    """Predict one training step of a build on a machine model: a discrete-event simulation of
+    the plan's streams, events, copies and uploads."""
+    from cnnc.build import open_build
+    from cnnc.perf.machine import catalogue, link
+    from cnnc.perf.roofline import plan_rooflines
+    from cnnc.perf.simulate import format_report, report, simulate_plan
+    from cnnc.perf.trace import to_trace
+
+    p, manifest = open_build(build_dir)
+    m = _machine(machine_name, machine_file)
+    peer = link(link_name, catalogue(machine_file)) if link_name else None
+    n = devices or max(p.programs["train"]) + 1
+    sim = simulate_plan(p, m, plan_rooflines(p, m, manifest), n, peer)
+    r = report(sim, p, m, n)
+    if trace_file is not None:
+        trace_file.write_text(json.dumps(to_trace(sim, f"{m.name}, predicted")))
+    click.echo(json.dumps(r, indent=1) if as_json else format_report(r))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
+@_guard
+def calibrate(as_json: bool) -> None:
+    """Measure this machine's OpenCL device (peak FLOP/s, bandwidth, launch overhead) for the
+    `cpu` machine model, and cache the result."""
+    from cnnc.perf.calibrate import measure, save
+
+    c = measure()
+    path = save(c)
+    if as_json:
+        click.echo(json.dumps(dict(c, cache=str(path)), indent=1))
+    else:
+        click.echo(f"{c['device']}, {c['compute_units']} compute units: {c['peak_gflops']:.1f} GFLOP/s FP32, "
+                   f"{c['bandwidth_gbs']:.1f} GB/s, {c['launch_overhead_us']:.1f} us per launch; saved to {path}")
 
 
 def _gpus(ctx, param, value: str | None) -> list[int] | None:
@@ -292,46 +392,112 @@ def _default_gpus(plan, gpus: list[int] | None) -> list[int]:
               show_default=True, help="auto: cuda when PyCUDA and a GPU are usable, else opencl.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the network's epochs.")
 @click.option("--data", default="digits", show_default=True,
-              help="'digits' (ships with scikit-learn) or a .npz with train_x, train_y, test_x, test_y.")
+              help="'digits' (ships with scikit-learn), a .npz with train_x, train_y, test_x, test_y, a CIFAR-10 "
+                   "batch folder, or a folder of class folders of JPEG/PNG images (with train/ and val/, or "
+                   "--test-split).")
+@click.option("--resize", type=click.IntRange(min=1), default=None, metavar="S",
+              help="Image folders: resize the shorter side to S, then crop the centre SxS "
+                   "[default: the network's input size].")
+@click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="F", help="Image folders without val/: hold out this fraction of each class for testing.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Image folders: where decoded images are cached [default: $XDG_CACHE_HOME/cnnc or "
+                   "~/.cache/cnnc].")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where metrics.jsonl and weights.npz go [default: BUILD_DIR/train].")
 @click.option("--test-freq", type=click.IntRange(min=0), default=0,
               help="Also evaluate every N steps (0: after each epoch only).")
 @click.option("--init", "init", type=click.Path(path_type=Path), default=None,
               help="Start from these parameters (.npz as written by cnnc run / cnnc export).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Stop after N steps (or --epochs, whichever comes first); the learning-rate "
+                   "schedule spans that many steps.")
+@click.option("--no-test", is_flag=True, help="Do not evaluate on the test split.")
+@click.option("--test-only", is_flag=True, help="Only evaluate the parameters of --init or --resume.")
+@click.option("--save-freq", type=click.IntRange(min=0), default=0,
+              help="Write a checkpoint every N steps (0: at the end of every epoch); also at the end "
+                   "and on Ctrl-C or SIGTERM.")
+@click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Checkpoints kept in the save directory (the newest).")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="SAVE_DIR",
+              help="Continue the run saved in SAVE_DIR from its newest checkpoint, exactly.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--comm-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Under mpiexec: how long a rank waits for another before the job stops, naming it "
+                   f"[default: the larger of {DEFAULT_TIMEOUT:g} s and {STEP_TIMEOUTS} training steps].")
+@abort_on_failure
 @_guard
 @_holding_build
 def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data: str,
-        save_dir: Path | None, test_freq: int, init: Path | None, quiet: bool) -> None:
-    """Train the network compiled into BUILD_DIR."""
+        save_dir: Path | None, test_freq: int, init: Path | None, steps: int | None, no_test: bool,
+        test_only: bool, save_freq: int, keep: int, resume: Path | None, quiet: bool,
+        resize: int | None, test_split: float | None, cache_dir: Path | None, comm_timeout: float | None) -> None:
+    """Train the network compiled into BUILD_DIR.
+
+    Under `mpiexec -n R`, each of the R ranks runs a contiguous block of the plan's
+    logical devices; every rank gets the same command line."""
     from tqdm import tqdm
 
     from cnnc.backends import default_backend, make_backend
     from cnnc.build import open_build
+    from cnnc.distributed import owned_devices, transport_for_launch
     from cnnc.train.data import load_dataset
-    from cnnc.train.loop import check_data, train
-
+    from cnnc.train.checkpoint import check_resumable, latest_checkpoint
+    from cnnc.train.loop import check_data, evaluate_parameters, train
     from cnnc.train.weights import weights_for
 
-    p, _ = open_build(build_dir)
-    start = weights_for(p, init) if init else None
-    ds = load_dataset(data)
+    if init and resume:
+        raise click.UsageError("--init and --resume both give the starting parameters: choose one")
+    if test_only and not (init or resume):
+        raise click.UsageError("--test-only evaluates saved parameters: give --init or --resume")
+    if resume and save_dir and save_dir.resolve() != resume.resolve():
+        raise click.UsageError("--resume continues in its own save directory: leave out --save-dir")
+    p, manifest = open_build(build_dir)
+    transport = transport_for_launch(comm_timeout)
+    if transport is not None:
+        owned_devices(p.devices, transport.rank, transport.size)      # refuses ranks that do not divide them
+    say = click.echo if transport is None or transport.root else (lambda *a, **kw: None)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(resume)
+        note = check_resumable(checkpoint, p, manifest["inputs_hash"], resume)
+        if note:
+            say(note, err=True)
+        start = checkpoint.parameters
+    else:
+        start = weights_for(p, init) if init else None
+    ds = load_dataset(data, p.image_shape, p.classes, resize, test_split, cache_dir)
     check_data(p, ds)                   # before a backend is set up or training is announced
     name = default_backend() if backend == "auto" else backend
     gpus = _default_gpus(p, gpus)
     be = make_backend(name, p, build_dir, gpus)
-    save_dir = save_dir or build_dir / "train"
+    if test_only:
+        test_loss, test_error = evaluate_parameters(p, be, ds, start)
+        say(f"test error {test_error * 100:5.2f}%  test loss {test_loss:.4f}  ({ds.n_test} images)")
+        return
+    save_dir = resume or save_dir or build_dir / "train"
+    if checkpoint is not None and epochs is None and steps is None:    # the resumed run's own goal
+        epochs, steps = checkpoint.epochs, checkpoint.steps
     epochs = epochs or p.epochs
-    click.echo(f"training {p.network} on {be.describe()}: {len(ds.train_y)} train / {len(ds.test_y)} test "
-               f"images, batch {p.batch}, {epochs} epochs")
+    goal = f"{epochs} epochs" + (f" or {steps} steps" if steps else "")
+    ranks = f", {transport.size} ranks" if transport is not None else ""
+    say(f"training {p.network} on {be.describe()}: {len(ds.train_y)} train / {len(ds.test_y)} test "
+        f"images, batch {p.batch}, {goal}" + (f", from step {checkpoint.step}" if checkpoint else "") + ranks)
     # disable=None: no bar when stderr is not a terminal (logs, CI)
     progress = None if quiet else (lambda **kw: tqdm(leave=False, dynamic_ncols=True, disable=None, **kw))
-    history = train(p, be, ds, epochs, save_dir, test_freq, progress, start)
+    writes = transport is None or transport.root
+    if writes:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    # one run writes a save directory at a time (a save dir that is the build dir is held already)
+    with build_lock(save_dir) if writes and save_dir.resolve() != build_dir.resolve() else contextlib.nullcontext():
+        history = train(p, be, ds, epochs, save_dir, test_freq, progress, start, steps=steps,
+                        save_freq=save_freq, keep=keep, test=not no_test, resume=checkpoint,
+                        build_hash=manifest["inputs_hash"], transport=transport)
     for ev in history:
-        click.echo(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
-                   f"test error {ev.test_error * 100:5.2f}%  {ev.images_per_s:8.0f} img/s")
-    click.echo(f"metrics: {save_dir / 'metrics.jsonl'}  weights: {save_dir / 'weights.npz'}")
+        tested = f"test error {ev.test_error * 100:5.2f}%  " if ev.test_error is not None else ""
+        say(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
+            f"{tested}{ev.images_per_s:8.0f} img/s")
+    say(f"metrics: {save_dir / 'metrics.jsonl'}  weights: {save_dir / 'weights.npz'}")
 
 
 @main.command()
@@ -346,12 +512,16 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
               help="Timed training steps (after two warm-up steps).")
 @click.option("--against", type=click.Choice(["torch"]), default=None,
               help="Also build and time the same network in PyTorch, side by side.")
+@click.option("--inference", is_flag=True,
+              help="Time forward-only steps (the test program) instead of training steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_guard
 @_holding_build
 def bench(build_dir: Path, backend: str, gpus: list[int], batch: int | None, steps: int, against: str | None,
-          as_json: bool) -> None:
+          inference: bool, as_json: bool) -> None:
     """Time training steps of BUILD_DIR: per layer forward/backward ms and GFLOP/s, images/s."""
+    if inference and against:
+        raise click.UsageError("--against torch times training steps; leave out --inference")
     import dataclasses
 
     from cnnc.backends import default_backend
@@ -359,7 +529,8 @@ def bench(build_dir: Path, backend: str, gpus: list[int], batch: int | None, ste
     from cnnc.build import open_build
 
     name = default_backend() if backend == "auto" else backend
-    result = run_bench(build_dir, name, _default_gpus(open_build(build_dir)[0], gpus), batch, steps, against=against)
+    result = run_bench(build_dir, name, _default_gpus(open_build(build_dir)[0], gpus), batch, steps, against=against,
+                       inference=inference)
     click.echo(json.dumps(dataclasses.asdict(result), indent=1) if as_json else format_bench(result))
 
 
@@ -374,6 +545,50 @@ def export(save_dir: Path, out: Path) -> None:
 
     names = export_weights(save_dir, out)
     click.echo(f"wrote {len(names)} arrays to {out}: {', '.join(names)}")
+
+
+@main.command()
+@click.argument("save_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The image to write (.png; .svg and .pdf work too).")
+@_guard
+def plot(save_dir: Path, out: Path) -> None:
+    """Draw loss and error per step, train and test, from SAVE_DIR/metrics.jsonl (needs cnnc[plot])."""
+    from cnnc.train.plot import plot as draw
+
+    records = draw(save_dir, out)
+    click.echo(f"plotted {records} records -> {out}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--init", "init", type=click.Path(path_type=Path), required=True,
+              help="Trained parameters (.npz as written by cnnc run / cnnc export, or a SAVE_DIR).")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many of the most probable classes to print per image.")
+@click.option("--backend", type=click.Choice(["auto", "cuda", "opencl", "reference"]), default="auto",
+              show_default=True)
+@click.option("--gpus", default=None, callback=_gpus,
+              help="Physical device for each logical device of the plan [default: all on device 0].")
+@_guard
+@_holding_build
+def predict(build_dir: Path, images: tuple[Path, ...], init: Path, top: int, backend: str,
+            gpus: list[int] | None) -> None:
+    """Print the most probable classes of each image file.
+
+    Images are scaled to [0, 1], resized and centre-cropped as the test split is, and have the
+    mean training image subtracted when the parameter file stores one (`mean`); classes are
+    named when it stores their names (`classes`), else printed as label numbers.
+    """
+    from cnnc.backends import default_backend, make_backend
+    from cnnc.build import open_build
+    from cnnc.predict import predict as classify
+
+    p, _ = open_build(build_dir)
+    be = make_backend(default_backend() if backend == "auto" else backend, p, build_dir, _default_gpus(p, gpus))
+    for image, best in zip(images, classify(p, be, init, list(images), top)):
+        click.echo(f"{image}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in best))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from cnnc.cli import main
 
 from helpers import replace_once
 
-METRIC_KEYS = {"epoch", "step", "train_loss", "test_error", "test_loss", "images_per_s", "backend"}
+METRIC_KEYS = {"epoch", "step", "train_loss", "test_error", "test_loss", "images_per_s", "backend", "ranks"}
 WEIGHTS = {"conv1.weights": (4, 1, 3, 3), "conv1.biases": (4,), "fc2.weights": (64, 10), "fc2.biases": (10,)}
 DIGITS_TRAIN = 1438                  # 80 % of scikit-learn's 1797 digits
 
@@ -56,7 +56,7 @@ def test_compile_then_up_to_date(tiny_cnn: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"compiled tiny: 5 layers, {len(load_plan(out).kernels)} kernels, 1 device(s) -> {out}/"
-    assert lines[1].split() == ["gpu0.cu", "gpu0.cl", "source.cnn", "plan.json", "manifest.json"]
+    assert lines[1].split() == ["gpu0.cu", "gpu0.cl", "gpu0.cpu.cl", "source.cnn", "plan.json", "manifest.json"]
     assert re.fullmatch(r"  stages: parse \d+ ms, check \d+ ms, plan \d+ ms, generate \d+ ms", lines[2])
     assert "nvcc not found" not in result.stdout          # --no-nvcc asked for no cubins
     assert result.stderr == ""
@@ -139,7 +139,8 @@ def test_run_reference_backend(tiny_build_dir: Path, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     assert result.stdout.startswith("training tiny on reference")
     assert f"metrics: {save / 'metrics.jsonl'}" in result.stdout
-    assert sorted(p.name for p in save.iterdir()) == ["metrics.jsonl", "weights.npz"]
+    assert sorted(p.name for p in save.iterdir()) == [f"checkpoint-{DIGITS_TRAIN // 8:08d}.npz", "metrics.jsonl",
+                                                      "weights.npz"]
 
     [record] = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert set(record) == METRIC_KEYS
@@ -151,9 +152,10 @@ def test_run_reference_backend(tiny_build_dir: Path, tmp_path: Path) -> None:
     assert math.isfinite(record["train_loss"]) and math.isfinite(record["test_loss"])
     assert record["images_per_s"] > 0
 
-    with np.load(save / "weights.npz") as w:
-        assert {k: w[k].shape for k in w.files} == WEIGHTS
-        assert all(np.isfinite(w[k]).all() for k in w.files)
+    with np.load(save / "weights.npz") as w:      # the parameters, and what cnnc predict needs of the data
+        assert {k: w[k].shape for k in w.files} == {**WEIGHTS, "classes": (10,), "mean": (1, 8, 8)}
+        assert all(np.isfinite(w[k]).all() for k in WEIGHTS)
+        assert list(w["classes"]) == [str(d) for d in range(10)]
 
 
 def test_run_test_freq_adds_evaluations(tiny_build_dir: Path, tmp_path: Path) -> None:
@@ -242,7 +244,8 @@ def test_run_missing_data(tiny_build_dir: Path, tmp_path: Path) -> None:
     err = assert_user_error(cli("run", tiny_build_dir, "--backend", "reference", "--data", missing,
                                 "--save-dir", save))
     assert first_line(err) == (f"error: no such data source: {missing} "
-                               "(expected 'digits', a .npz file or a CIFAR-10 batch folder)")
+                               "(expected 'digits', a .npz file, a CIFAR-10 batch folder "
+                               "or a folder of image class folders)")
     assert not save.exists()
 
 
@@ -303,3 +306,21 @@ def test_run_multi_device_plan_defaults_to_device_0(tmp_path: Path) -> None:
     assert "note: 2 logical devices share device 0" in result.stderr
     err = assert_user_error(cli("run", build, "--backend", "reference", "--gpus", "0"))
     assert "the plan uses logical device 1 but --gpus lists only 1 device(s)" in first_line(err)
+
+
+def test_export_writes_parameters_and_data_metadata_that_init_accepts(tiny_build_dir: Path, tmp_path: Path) -> None:
+    save = tmp_path / "train"
+    assert cli("run", tiny_build_dir, "--backend", "reference", "--epochs", "1", "--save-dir", save,
+               "-q").exit_code == 0
+    out = tmp_path / "exported.npz"
+    result = cli("export", save, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote 4 arrays to {out}: {', '.join(sorted(WEIGHTS))}\n"
+    with np.load(out) as exported, np.load(save / "weights.npz") as saved:
+        assert sorted(exported.files) == sorted(saved.files) == sorted([*WEIGHTS, "classes", "mean"])
+        for k in exported.files:
+            assert np.array_equal(exported[k], saved[k])
+    again = tmp_path / "again"
+    result = cli("run", tiny_build_dir, "--backend", "reference", "--epochs", "1", "--save-dir", again,
+                 "--init", out, "-q")
+    assert result.exit_code == 0, result.output
