@@ -24,6 +24,10 @@ class ExecutionError(Exception):
     """A plan that cannot run as written (a bug in the planner, never in user input)."""
 
 
+class NoProbabilities(ValueError):
+    """The network has no softmax cost, so it gives no class probabilities (a user's choice of network)."""
+
+
 def initial_parameters(plan: Plan) -> dict[str, np.ndarray]:
     """Weights ~ N(0, init_w²), biases constant, drawn from (seed, parameter index).
 
@@ -288,12 +292,12 @@ class Executor:
         for name, kind in self.plan.inputs.items():
             self.host[name] = y if kind == "labels" else x
 
-    def cost_outputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-case loss and correctness of the first cost layer, in minibatch order."""
+    def cost_outputs(self, cost: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Per-case loss and correctness of cost layer `cost` (the first by default), in minibatch order."""
         self.backend.synchronize()
         loss, correct = np.zeros(self.plan.batch, np.float32), np.zeros(self.plan.batch, np.float32)
         outputs = [(out["cases"], self.read(out["loss"]), self.read(out["correct"]))
-                   for out in self.plan.costs[0]["outputs"] if self._is_local(out["loss"])]
+                   for out in self.plan.costs[cost]["outputs"] if self._is_local(out["loss"])]
         if self.transport is not None:
             outputs = [o for rank in self.transport.allgather(outputs, "the other ranks' costs") for o in rank]
         for cases, *values in outputs:
@@ -317,3 +321,45 @@ class Executor:
         self.load_batch(x, y)
         self.run("test")
         return self.cost_outputs()
+
+    def cost_losses(self) -> dict[str, np.ndarray]:
+        """Per-case loss of every cost layer after the last run, by layer name (unweighted by its coeff)."""
+        return {cost["layer"]: self.cost_outputs(i)[0] for i, cost in enumerate(self.plan.costs)}
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities [batch, classes] of one minibatch x under the test program, read from
+        the softmax the first cost reads, right after that cost has run (one process only)."""
+        cases_of = self._probability_reads()
+        found = np.zeros((self.plan.batch, self.plan.classes), np.float32)
+
+        def capture(device, op, seconds):
+            if op.kind != "launch":
+                return
+            args = dict(zip((name for name, _ in OPS[self.plan.kernels[op.kernel].op].args), op.args))
+            if args.get("loss") in cases_of:
+                probs = self.read(args["probs"]).reshape(-1, self.plan.classes)
+                at = 0
+                for start, count in cases_of[args["loss"]]:
+                    found[start:start + count] = probs[at:at + count]
+                    at += count
+
+        self.load_batch(x, np.zeros(self.plan.batch, np.int32))
+        self.run("test", 0.0, capture)
+        return found
+
+    def _probability_reads(self) -> dict[str, list]:
+        """The test program's launches of the first cost that read a softmax: their loss buffer
+        mapped to the minibatch cases it holds."""
+        plan = self.plan
+        cases = {out["loss"]: out["cases"] for out in plan.costs[0]["outputs"]} if plan.costs else {}
+        reads = {}
+        for ops in plan.programs["test"].values():
+            for op in ops:
+                if op.kind == "launch":
+                    args = dict(zip((name for name, _ in OPS[plan.kernels[op.kernel].op].args), op.args))
+                    if "probs" in args and args.get("loss") in cases:
+                        reads[args["loss"]] = cases[args["loss"]]
+        if not reads or reads.keys() != cases.keys():
+            raise NoProbabilities(f"the network '{plan.network}' has no softmax cost (logreg or crossent) "
+                                  f"to read class probabilities from")
+        return reads

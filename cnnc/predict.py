@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.backends.base import Backend
-from cnnc.executor import Executor
-from cnnc.ops import OPS
+from cnnc.executor import Executor, NoProbabilities
 from cnnc.plan.schedule import Plan
 from cnnc.train.data import DataError, eval_batches, fit_images
 from cnnc.train.images import decode, scale
@@ -68,48 +67,15 @@ def prepare(paths: list[Path], plan: Plan, labels: Labels) -> np.ndarray:
     return fit_images(scale(fit_images(pixels, mean.shape, None), mean), plan.image_shape, None)
 
 
-def _probability_reads(plan: Plan) -> dict[str, list]:
-    """The test program's launches of the first cost that read a softmax: their loss buffer
-    mapped to the minibatch cases it holds."""
-    cases = {out["loss"]: out["cases"] for out in plan.costs[0]["outputs"]} if plan.costs else {}
-    reads = {}
-    for ops in plan.programs["test"].values():
-        for op in ops:
-            if op.kind == "launch":
-                args = dict(zip((name for name, _ in OPS[plan.kernels[op.kernel].op].args), op.args))
-                if "probs" in args and args.get("loss") in cases:
-                    reads[args["loss"]] = cases[args["loss"]]
-    if not reads or reads.keys() != cases.keys():
-        raise DataError(f"the network '{plan.network}' has no softmax cost (logreg or crossent) to read "
-                        f"class probabilities from")
-    return reads
-
-
 def probabilities(plan: Plan, backend: Backend, parameters: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """Class probabilities [n, classes] of the images x, from the test program."""
-    cases_of = _probability_reads(plan)
     ex = Executor(plan, backend, parameters)
-    batch_probs = np.zeros((plan.batch, plan.classes), np.float32)
-
-    def capture(device, op, seconds):
-        if op.kind != "launch":
-            return
-        names = [name for name, _ in OPS[plan.kernels[op.kernel].op].args]
-        args = dict(zip(names, op.args))
-        if args.get("loss") in cases_of:
-            probs = ex.read(args["probs"]).reshape(-1, plan.classes)
-            at = 0
-            for start, count in cases_of[args["loss"]]:
-                batch_probs[start:start + count] = probs[at:at + count]
-                at += count
-
-    out = []
     labels = np.zeros(len(x), np.int32)
-    for bx, by, real in eval_batches(x, labels, plan.batch):
-        ex.load_batch(bx, by)
-        ex.run("test", 0.0, capture)
-        out.append(batch_probs[:real].copy())
-    return np.concatenate(out)
+    try:
+        return np.concatenate([ex.probabilities(bx)[:real].copy()
+                               for bx, _, real in eval_batches(x, labels, plan.batch)])
+    except NoProbabilities as e:
+        raise DataError(str(e)) from None
 
 
 def predict(plan: Plan, backend: Backend, weights: Path, images: list[Path], top: int) -> list[list[tuple[str, float]]]:

@@ -60,6 +60,8 @@ class Checkpoint:
     position: int
     epoch_loss: float = 0.0                   # the epoch's summed loss and cases so far, for its mean
     epoch_cases: int = 0
+    epoch_costs: dict = field(default_factory=dict)     # with several costs: each one's summed loss so far
+    color_noise: float = 0.0                  # the std of the training batches' colour noise
     network: str = ""
     fingerprint: str = ""
     build_hash: str = ""
@@ -70,7 +72,8 @@ class Checkpoint:
     def meta(self) -> dict:
         return {"format": FORMAT, "step": self.step, "total_steps": self.total_steps, "epochs": self.epochs,
                 "steps": self.steps, "epoch": self.epoch, "position": self.position,
-                "epoch_loss": self.epoch_loss, "epoch_cases": self.epoch_cases, "network": self.network,
+                "epoch_loss": self.epoch_loss, "epoch_cases": self.epoch_cases,
+                "epoch_costs": self.epoch_costs, "color_noise": self.color_noise, "network": self.network,
                 "fingerprint": self.fingerprint, "build_hash": self.build_hash,
                 "rng": {"seed": self.seed, "keyed_by": ["seed", "epoch", "step"]}, "data": self.data}
 
@@ -159,6 +162,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
             step=int(meta["step"]), total_steps=int(meta["total_steps"]), epochs=meta["epochs"],
             steps=meta["steps"], epoch=int(meta["epoch"]), position=int(meta["position"]),
             epoch_loss=float(meta["epoch_loss"]), epoch_cases=int(meta["epoch_cases"]),
+            epoch_costs={str(k): float(v) for k, v in meta.get("epoch_costs", {}).items()},
+            color_noise=float(meta.get("color_noise", 0.0)),
             parameters={k[len(_PARAM):]: v for k, v in arrays.items() if k.startswith(_PARAM)},
             momenta={k[len(_MOMENTUM):]: v for k, v in arrays.items() if k.startswith(_MOMENTUM)},
             order=arrays["data_order"], mean=arrays.get("data_mean"), network=meta["network"],

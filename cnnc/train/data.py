@@ -377,6 +377,49 @@ def fit_images(x: np.ndarray, shape: tuple[int, int, int], rng: np.random.Genera
     return out
 
 
+def views(x: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndarray]:
+    """cuda-convnet2's 10 test views of images larger than the network's input: the four
+    corner crops and the centre crop, then each of them flipped horizontally."""
+    _, _, h, w = x.shape
+    _, th, tw = shape
+    corners = [(0, 0), (0, w - tw), (h - th, 0), (h - th, w - tw), ((h - th) // 2, (w - tw) // 2)]
+    crops = [np.ascontiguousarray(x[:, :, t:t + th, l:l + tw]) for t, l in corners]
+    return crops + [np.ascontiguousarray(c[:, :, :, ::-1]) for c in crops]
+
+
+@dataclass(frozen=True)
+class ColorComponents:
+    """Principal components of the training pixels' colours (AlexNet's colour noise):
+    `variances[i]` is the variance along the unit vector `vectors[:, i]`."""
+
+    variances: np.ndarray       # [C], float64, ascending
+    vectors: np.ndarray         # [C, C], float64, one component per column
+
+
+def color_components(x: np.ndarray, chunk: int = 1024) -> ColorComponents:
+    """The eigen-decomposition of the channels' covariance over every training pixel,
+    accumulated in float64 chunk by chunk (so a memory-mapped set is read once, in order,
+    and the result depends on the data alone)."""
+    c = x.shape[1]
+    total, outer, n = np.zeros(c), np.zeros((c, c)), 0
+    for start in range(0, len(x), chunk):
+        pixels = np.asarray(x[start:start + chunk], np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
+        total += pixels.sum(axis=1)
+        outer += pixels @ pixels.T
+        n += pixels.shape[1]
+    mean = total / n
+    variances, vectors = np.linalg.eigh(outer / n - np.outer(mean, mean))
+    return ColorComponents(np.clip(variances, 0.0, None), vectors)
+
+
+def add_color_noise(x: np.ndarray, components: ColorComponents, std: float, rng: np.random.Generator) -> None:
+    """Shift each image's colour, in place, by sum_i alpha_i * variance_i * vector_i with
+    alpha_i ~ N(0, std) drawn per image (AlexNet's form, eigenvalues unsquared)."""
+    alphas = rng.normal(0.0, std, (len(x), len(components.variances)))
+    shift = (alphas * components.variances) @ components.vectors.T         # [n, C]
+    x += shift.astype(np.float32)[:, :, None, None]
+
+
 # --- batching --------------------------------------------------------------
 
 

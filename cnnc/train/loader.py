@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from cnnc.plan.schedule import Plan
-from cnnc.train.data import Dataset, batches_per_epoch, epoch_order, fit_images
+from cnnc.train.data import Dataset, add_color_noise, batches_per_epoch, color_components, epoch_order, fit_images
 
 AHEAD = 3                   # batches prepared ahead of the one being trained on
 _DONE = object()
@@ -23,11 +23,17 @@ _DONE = object()
 
 class Loader:
     """`used`: the minibatch positions to read (the cases of one rank's devices); the others
-    stay zero, and the crops are drawn for the whole batch, so every case is as in a full load."""
+    stay zero, and the crops are drawn for the whole batch, so every case is as in a full load.
+    `color_noise`: the std of AlexNet's colour noise along the training pixels' principal
+    components (0: none), drawn per batch from its own generator keyed by (seed, epoch, step),
+    so turning it on leaves the crops and flips as they were."""
 
-    def __init__(self, plan: Plan, ds: Dataset, ahead: int = AHEAD, used: np.ndarray | None = None):
+    def __init__(self, plan: Plan, ds: Dataset, ahead: int = AHEAD, used: np.ndarray | None = None,
+                 color_noise: float = 0.0):
         self.plan, self.ds, self.ahead = plan, ds, ahead
         self.used = None if used is None or used.all() else used
+        self.color_noise = color_noise
+        self.components = color_components(ds.train_x) if color_noise else None
         self.per_epoch = batches_per_epoch(ds, plan.batch)
         self._orders: dict[int, np.ndarray] = {}
 
@@ -50,7 +56,12 @@ class Loader:
             y = np.zeros(len(cases), np.int32)
             x[self.used] = self.ds.train_x[cases[self.used]]
             y[self.used] = self.ds.train_y[cases[self.used]]
-        return fit_images(x, self.plan.image_shape, crops), y
+        x = fit_images(x, self.plan.image_shape, crops)
+        if self.components is not None:
+            x = np.array(x, np.float32)         # fit_images may hand back x itself
+            add_color_noise(x, self.components, self.color_noise,
+                            np.random.default_rng([self.plan.seed, epoch, 2, index]))
+        return x, y
 
     def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches `start` .. `stop` - 1 of `epoch`, prepared ahead in a thread; closing the
