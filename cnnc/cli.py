@@ -27,6 +27,7 @@ from cnnc.build_dir import BuildError, build_lock
 from cnnc.diagnostics import CompileError
 from cnnc.distributed import DEFAULT_TIMEOUT, STEP_TIMEOUTS, CommError, abort_on_failure, launched_rank
 from cnnc.perf import PerfError
+from cnnc.perf.trace import TRACE_STEPS, TRACE_WARMUP, StepRecorder
 from cnnc.train.data import DataError
 from cnnc.train.health import TrainingDiverged
 from cnnc.train.weights import WeightsError
@@ -421,17 +422,27 @@ def _default_gpus(plan, gpus: list[int] | None) -> list[int]:
               help="Checkpoints kept in the save directory (the newest).")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="SAVE_DIR",
               help="Continue the run saved in SAVE_DIR from its newest checkpoint, exactly.")
+@click.option("--color-noise", type=click.FloatRange(min=0), default=None, metavar="STD",
+              help="Shift each training image's colour along the training pixels' principal components "
+                   "(AlexNet's colour noise, weights ~ N(0, STD)) [default: 0, or the resumed run's].")
+@click.option("--multiview-test", is_flag=True,
+              help="Evaluate on the softmax averaged over 10 views (4 corner and centre crops, each also "
+                   "flipped) where the images are larger than the network's input.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--comm-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Under mpiexec: how long a rank waits for another before the job stops, naming it "
                    f"[default: the larger of {DEFAULT_TIMEOUT:g} s and {STEP_TIMEOUTS} training steps].")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Write {TRACE_STEPS} training steps, after {TRACE_WARMUP} warm-up steps, as Chrome "
+                   "trace-event JSON (as cnnc simulate --trace); each op is timed on its own.")
 @abort_on_failure
 @_guard
 @_holding_build
 def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data: str,
         save_dir: Path | None, test_freq: int, init: Path | None, steps: int | None, no_test: bool,
         test_only: bool, save_freq: int, keep: int, resume: Path | None, quiet: bool,
-        resize: int | None, test_split: float | None, cache_dir: Path | None, comm_timeout: float | None) -> None:
+        resize: int | None, test_split: float | None, cache_dir: Path | None, comm_timeout: float | None,
+        trace_file: Path | None, color_noise: float | None, multiview_test: bool) -> None:
     """Train the network compiled into BUILD_DIR.
 
     Under `mpiexec -n R`, each of the R ranks runs a contiguous block of the plan's
@@ -443,7 +454,7 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     from cnnc.distributed import owned_devices, transport_for_launch
     from cnnc.train.data import load_dataset
     from cnnc.train.checkpoint import check_resumable, latest_checkpoint
-    from cnnc.train.loop import check_data, evaluate_parameters, train
+    from cnnc.train.loop import check_data, cost_summary, evaluate_parameters, train
     from cnnc.train.weights import weights_for
 
     if init and resume:
@@ -452,8 +463,12 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
         raise click.UsageError("--test-only evaluates saved parameters: give --init or --resume")
     if resume and save_dir and save_dir.resolve() != resume.resolve():
         raise click.UsageError("--resume continues in its own save directory: leave out --save-dir")
+    if trace_file and test_only:
+        raise click.UsageError("--trace records training steps: leave out --test-only")
     p, manifest = open_build(build_dir)
     transport = transport_for_launch(comm_timeout)
+    if trace_file and transport is not None:
+        raise click.UsageError("--trace times one process's ops: run it without mpiexec")
     if transport is not None:
         owned_devices(p.devices, transport.rank, transport.size)      # refuses ranks that do not divide them
     say = click.echo if transport is None or transport.root else (lambda *a, **kw: None)
@@ -472,7 +487,7 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     gpus = _default_gpus(p, gpus)
     be = make_backend(name, p, build_dir, gpus)
     if test_only:
-        test_loss, test_error = evaluate_parameters(p, be, ds, start)
+        test_loss, test_error = evaluate_parameters(p, be, ds, start, multiview_test)
         say(f"test error {test_error * 100:5.2f}%  test loss {test_loss:.4f}  ({ds.n_test} images)")
         return
     save_dir = resume or save_dir or build_dir / "train"
@@ -489,13 +504,21 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     if writes:
         save_dir.mkdir(parents=True, exist_ok=True)
     # one run writes a save directory at a time (a save dir that is the build dir is held already)
+    recorder = StepRecorder(p, TRACE_STEPS, TRACE_WARMUP) if trace_file else None
     with build_lock(save_dir) if writes and save_dir.resolve() != build_dir.resolve() else contextlib.nullcontext():
         history = train(p, be, ds, epochs, save_dir, test_freq, progress, start, steps=steps,
                         save_freq=save_freq, keep=keep, test=not no_test, resume=checkpoint,
-                        build_hash=manifest["inputs_hash"], transport=transport)
+                        build_hash=manifest["inputs_hash"], transport=transport,
+                        step_timer=recorder.next_step if recorder else None, color_noise=color_noise,
+                        multiview=multiview_test)
+    if recorder is not None:
+        trace_file.write_text(json.dumps(recorder.trace(f"{be.describe()}, measured")))
+        recorded = min(max(recorder.started - TRACE_WARMUP, 0), TRACE_STEPS)
+        say(f"trace: {trace_file} ({recorded} steps after {TRACE_WARMUP} warm-up steps)")
     for ev in history:
         tested = f"test error {ev.test_error * 100:5.2f}%  " if ev.test_error is not None else ""
-        say(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  "
+        costs = f"({cost_summary(ev.costs, ev.coeffs)})  " if ev.costs else ""
+        say(f"epoch {ev.epoch:3d}  step {ev.step:6d}  train loss {ev.train_loss:.4f}  {costs}"
             f"{tested}{ev.images_per_s:8.0f} img/s")
     say(f"metrics: {save_dir / 'metrics.jsonl'}  weights: {save_dir / 'weights.npz'}")
 

@@ -151,9 +151,11 @@ def abort_on_failure(fn: Callable) -> Callable:
             if e.code not in (0, None):
                 _abort(e.code if isinstance(e.code, int) else 1)
             raise
-        except Exception:                   # a bug: its traceback, then the job ends
-            traceback.print_exc()
-            _abort(1)
+        except Exception as e:
+            code = getattr(e, "exit_code", None)    # click's usage errors, which click prints itself
+            if code is None:                        # a bug: its traceback, then the job ends
+                traceback.print_exc()
+            _abort(code or 1)
             raise
     return wrapper
 

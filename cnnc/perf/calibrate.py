@@ -1,8 +1,11 @@
-"""`cnnc calibrate`: measure this machine's OpenCL device (the `cpu` machine model) with three
+"""`cnnc calibrate`: measure this machine's OpenCL device (the `cpu` machine model) with four
 short microbenchmarks, and keep the result in the user's cache directory, one file per device.
 
 Peak FLOP/s comes from a kernel of independent vector multiply-adds, bandwidth from a copy of a
-buffer far larger than the caches, launch overhead from back-to-back empty kernels.  Each figure
+buffer far larger than the caches, launch overhead from empty kernels, each waited for.  A
+kernel that reads a neighbourhood of channels through NCHW index arithmetic, as pooling and
+normalisation kernels do, gives the bandwidth such kernels reach (counting each buffer once,
+as the roofline does): its ratio to the copy's is the model's memory efficiency.  Each figure
 is the best of a few repetitions, after a warm-up, so that the whole run stays within seconds.
 """
 from __future__ import annotations
@@ -34,6 +37,13 @@ __kernel void copy(__global const float4* restrict src, __global float4* restric
     dst[get_global_id(0)] = src[get_global_id(0)];
 }
 __kernel void empty(__global float* out) { }
+__kernel void indexed(__global const float* restrict src, __global float* restrict dst, const int c, const int hw) {
+    const int i = get_global_id(0), n = i / (c * hw), ch = i / hw %% c, p = i %% hw;
+    float s = 0.0f;
+    for (int k = -1; k <= 1; ++k)
+        s += src[(n * c + clamp(ch + k, 0, c - 1)) * hw + p];
+    dst[i] = s;
+}
 """ % _FMA_STEPS
 _FLOPS_PER_ITEM = _FMA_STEPS * 8 * 8 * 2          # steps x accumulators x lanes x (multiply + add)
 _COPY_BYTES = 128 * 2**20
@@ -113,16 +123,23 @@ def measure(device=None) -> dict:
         copy(queue, (n4,), None, src, dst)
         queue.finish()
 
+    indexed, channels, pixels = prog.indexed, 64, 32 * 32
+
+    def run_indexed():
+        indexed(queue, (n4 * 4,), None, src, dst, np.int32(channels), np.int32(pixels))
+        queue.finish()
+
     empty, launches = prog.empty, 200
 
-    def run_empty():
+    def run_empty():                # each waited for, as an op the next one depends on is
         for _ in range(launches):
             empty(queue, (1,), None, out)
-        queue.finish()
+            queue.finish()
 
     return {"device": description, "compute_units": units,
             "peak_gflops": items * _FLOPS_PER_ITEM / _best(run_fma, 3) / 1e9,
             "bandwidth_gbs": 2 * _COPY_BYTES / _best(run_copy, 5) / 1e9,
+            "indexed_bandwidth_gbs": 2 * _COPY_BYTES / _best(run_indexed, 3) / 1e9,
             "launch_overhead_us": _best(run_empty, 3) / launches * 1e6,
             "cache_mib": device.global_mem_cache_size / 2**20,
             "calibrated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -148,5 +148,7 @@ def cpu_entry(calibration: dict) -> dict:
             "memory_bandwidth_gbs": calibration["bandwidth_gbs"],
             "launch_overhead_us": calibration["launch_overhead_us"],
             "max_blocks_per_sm": 1, "l2_mib": calibration.get("cache_mib", 1),
-            "compute_efficiency": 0.5, "memory_efficiency": 1.0, "occupancy_saturation": 0,
+            "compute_efficiency": 0.5, "occupancy_saturation": 0,
+            "memory_efficiency": min(calibration.get("indexed_bandwidth_gbs", calibration["bandwidth_gbs"])
+                                     / calibration["bandwidth_gbs"], 1.0),
             "peer_link": memory, "host_link": memory}

@@ -163,6 +163,17 @@ def _critical_path(spans: list[Span]) -> list[int]:
 
 # ---------------------------------------------------------------- a plan on a machine
 
+def op_label(op: Op) -> tuple[str, str]:
+    """An op's name and category (compute | communication) in reports and traces, predicted or measured."""
+    if op.kind == "launch":
+        return op.kernel, "compute"
+    if op.kind == "copy":
+        return f"copy {op.src} -> {op.dst}", "communication"
+    if op.kind == "upload":
+        return f"upload {op.input} -> {op.dst}", "communication"
+    return op.kind, "communication"
+
+
 def plan_cost(plan, machine: Machine, physical: dict[int, int], rooflines: dict[str, dict],
               peer_link: Link | None = None) -> Callable[[int, Op], Activity | None]:
     """The cost function of a plan's ops on `machine`, logical device d running on physical
@@ -171,19 +182,19 @@ def plan_cost(plan, machine: Machine, physical: dict[int, int], rooflines: dict[
 
     def cost(dev: int, op: Op) -> Activity | None:
         here = physical[dev]
+        name, category = op_label(op)
         if op.kind == "launch":
-            return Activity(rooflines[op.kernel]["time_us"] * 1e-6, (("compute", here),), "compute", op.kernel)
+            return Activity(rooflines[op.kernel]["time_us"] * 1e-6, (("compute", here),), category, name)
         if op.kind == "copy":
             nbytes = 4 * op.count
             there = physical[plan.buffers[op.src].device]
-            name = f"copy {op.src} -> {op.dst}"
             if there == here:
                 seconds = machine.launch_overhead_us * 1e-6 + 2 * nbytes / (machine.bandwidth * machine.memory_efficiency)
-                return Activity(seconds, (("copy", here),), "communication", name)
-            return Activity(link.seconds(nbytes), (("link", there, here),), "communication", name)
+                return Activity(seconds, (("copy", here),), category, name)
+            return Activity(link.seconds(nbytes), (("link", there, here),), category, name)
         if op.kind == "upload":
             return Activity(machine.host_link.seconds(plan.buffers[op.dst].nbytes), (("host", here),),
-                            "communication", f"upload {op.input} -> {op.dst}")
+                            category, name)
         return None
     return cost
 

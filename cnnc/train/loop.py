@@ -24,11 +24,11 @@ import numpy as np
 
 from cnnc.backends.base import Backend
 from cnnc.distributed import Transport
-from cnnc.executor import Executor
+from cnnc.executor import Executor, NoProbabilities
 from cnnc.plan.schedule import Plan
 from cnnc.build import write_atomic
 from cnnc.train.checkpoint import Checkpoint, network_fingerprint, save_checkpoint
-from cnnc.train.data import DataError, Dataset, eval_batches, fit_images
+from cnnc.train.data import DataError, Dataset, eval_batches, fit_images, views
 from cnnc.train.health import TrainingDiverged, finite_arrays, json_record, locate_divergence
 from cnnc.train.loader import Loader
 from cnnc.train.weights import WEIGHTS_FILE, data_metadata, save_weights
@@ -44,11 +44,20 @@ class Evaluation:
     images_per_s: float
     backend: str
     ranks: int = 1                      # MPI processes the run is spread over
+    costs: dict[str, float] | None = None       # with several cost layers: each one's mean training loss
+    coeffs: dict[str, float] | None = None      # and its coeff in the descended sum
 
     def to_json(self) -> dict:
         tested = {"test_error": self.test_error, "test_loss": self.test_loss} if self.test_error is not None else {}
-        return {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss, **tested,
+        costs = {"costs": {k: v if math.isfinite(v) else None for k, v in self.costs.items()},
+                 "coeffs": self.coeffs} if self.costs else {}
+        return {"epoch": self.epoch, "step": self.step, "train_loss": self.train_loss, **costs, **tested,
                 "images_per_s": self.images_per_s, "backend": self.backend, "ranks": self.ranks}
+
+
+def cost_summary(costs: dict[str, float], coeffs: dict[str, float]) -> str:
+    """Every cost's mean loss with its coeff, as cuda-convnet2 prints them: `cost 0.4100 (x1), aux 0.1000 (x0.3)`."""
+    return ", ".join(f"{name} {value:.4f} (x{coeffs[name]:g})" for name, value in costs.items())
 
 
 def check_data(plan: Plan, ds: Dataset) -> None:
@@ -74,8 +83,11 @@ def check_data(plan: Plan, ds: Dataset) -> None:
         raise DataError(f"{ds.name}: the test split is empty; training could not be evaluated")
 
 
-def evaluate(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[float, float]:
-    """(mean loss, error rate) over every case of (x, y), on centre crops where the images are larger."""
+def evaluate(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int, multiview: bool = False) -> tuple[float, float]:
+    """(mean loss, error rate) over every case of (x, y), on centre crops where the images are larger
+    (with `multiview`, on cuda-convnet2's 10 views instead: see `evaluate_views`)."""
+    if multiview and tuple(x.shape[1:]) != tuple(ex.plan.image_shape):
+        return evaluate_views(ex, x, y, batch)
     losses, wrong, n = 0.0, 0.0, 0
     for bx, by, real in eval_batches(fit_images(x, ex.plan.image_shape, None), y, batch):
         loss, correct = ex.evaluate(bx, by)
@@ -85,18 +97,41 @@ def evaluate(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[fl
     return losses / n, wrong / n
 
 
+def evaluate_views(ex: Executor, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[float, float]:
+    """(mean loss, error rate) of the first cost from the softmax averaged over the 4 corner crops,
+    the centre crop and their mirror images: the loss is -log of the label's averaged
+    probability, a case is wrong when its label is not among the `top_k` most probable classes."""
+    if ex.transport is not None:
+        raise DataError("--multiview-test runs in one process, not under mpiexec")
+    top_k = int(ex.plan.costs[0].get("top_k", 1))
+    losses, wrong, n = 0.0, 0.0, 0
+    for bx, by, real in eval_batches(np.asarray(x, np.float32), y, batch):
+        crops = views(bx, ex.plan.image_shape)
+        try:
+            probs = sum(ex.probabilities(v).astype(np.float64) for v in crops)[:real] / len(crops)
+        except NoProbabilities as e:
+            raise DataError(f"--multiview-test: {e}") from None
+        label_prob = probs[np.arange(real), by[:real]]
+        losses += float(-np.log(np.maximum(label_prob, np.finfo(np.float32).tiny)).sum())
+        wrong += float((np.sum(probs > label_prob[:, None], axis=1) >= top_k).sum())
+        n += real
+    return losses / n, wrong / n
+
+
 def evaluate_parameters(plan: Plan, backend: Backend, ds: Dataset,
-                        parameters: dict[str, np.ndarray]) -> tuple[float, float]:
+                        parameters: dict[str, np.ndarray], multiview: bool = False) -> tuple[float, float]:
     """(mean loss, error rate) of the test split under `parameters`, without training."""
     check_data(plan, ds)
-    return evaluate(Executor(plan, backend, parameters), ds.test_x, ds.test_y, plan.batch)
+    return evaluate(Executor(plan, backend, parameters), ds.test_x, ds.test_y, plan.batch, multiview)
 
 
 def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path,
           test_freq: int = 0, progress: Callable | None = None,
           parameters: dict[str, np.ndarray] | None = None, *, steps: int | None = None,
           save_freq: int = 0, keep: int = 3, test: bool = True, resume: Checkpoint | None = None,
-          build_hash: str = "", transport: Transport | None = None) -> list[Evaluation]:
+          build_hash: str = "", transport: Transport | None = None,
+          step_timer: Callable | None = None, color_noise: float | None = None,
+          multiview: bool = False) -> list[Evaluation]:
     """Train until `steps` steps or `epochs` epochs are done, whichever comes first (that
     number is the learning-rate schedule's total); returns every evaluation (also in
     save_dir/metrics.jsonl).
@@ -106,12 +141,20 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
     newest `keep` are kept.  With `resume`, training continues from that checkpoint exactly
     as the run that wrote it would have.
 
-    With a `transport`, every rank calls this alike; rank 0 alone writes files and shows progress."""
+    With a `transport`, every rank calls this alike; rank 0 alone writes files and shows progress.
+    `step_timer()`, called before each step, gives that step's per-op timer (see Executor.run) or None.
+    `color_noise`: the std of the colour noise added to training batches (None: a resumed
+    checkpoint's, else none); `multiview`: evaluate on the 10 views (see `evaluate_views`)."""
     check_data(plan, ds)
     ex = Executor(plan, backend, parameters, transport)
     writes = transport is None or transport.root
     progress = progress if writes else None
-    loader = Loader(plan, ds, used=ex.local_cases() if transport is not None else None)
+    if color_noise is None:
+        color_noise = resume.color_noise if resume is not None else 0.0
+    loader = Loader(plan, ds, used=ex.local_cases() if transport is not None else None, color_noise=color_noise)
+    several_costs = len(plan.costs) > 1
+    coeffs = {c["layer"]: float(c["coeff"]) for c in plan.costs}
+    cost_sums: dict[str, float] = {}                # the epoch's summed loss of every cost, with several
     per_epoch = loader.per_epoch
     total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
     if writes:
@@ -131,12 +174,14 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
         params, momenta = ex.parameters(), ex.momenta()
         if not (finite_arrays(params) and finite_arrays(momenta)):
             raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir, saved)
+        costs = dict(cost_sums)
         if position == per_epoch:                   # the epoch is done: the next step starts the next one
-            epoch, position, loss_sum, seen = epoch + 1, 0, 0.0, 0
+            epoch, position, loss_sum, seen, costs = epoch + 1, 0, 0.0, 0, {}
         if writes:
             save_checkpoint(save_dir, Checkpoint(
                 step=step, total_steps=total, epochs=epochs, steps=steps, parameters=params, momenta=momenta,
                 order=loader.order(epoch), epoch=epoch, position=position, epoch_loss=loss_sum, epoch_cases=seen,
+                epoch_costs=costs, color_noise=color_noise,
                 network=plan.network, fingerprint=network_fingerprint(plan), build_hash=build_hash, seed=plan.seed,
                 data=_data_facts(ds, per_epoch), mean=ds.mean), keep)
 
@@ -147,6 +192,11 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
             position, stop = step - begin, min(per_epoch, total - begin)
             loss_sum, seen = (resume.epoch_loss, resume.epoch_cases) \
                 if resume is not None and position and resume.epoch == epoch else (0.0, 0)
+            cost_sums.clear()
+            if several_costs:
+                cost_sums.update(dict.fromkeys(coeffs, 0.0))
+                if resume is not None and position and resume.epoch == epoch:
+                    cost_sums.update({k: v for k, v in resume.epoch_costs.items() if k in coeffs})
             t0, seen_before = time.perf_counter(), seen
             # counts the run's steps, not the epoch's, so that its ETA is the time left to the run's end
             bar = progress(total=total, initial=step, desc=f"epoch {epoch}/{epochs}") if progress else None
@@ -154,7 +204,7 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
             with closing(loader.epoch(epoch, position, stop)) as batches:
                 for x, by in batches:
                     started = time.perf_counter()
-                    loss, correct = ex.train_step(x, by, step / total)
+                    loss, correct = ex.train_step(x, by, step / total, step_timer() if step_timer else None)
                     if transport is not None:
                         transport.step_took(time.perf_counter() - started)
                     step += 1
@@ -164,16 +214,22 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
                             bar.close()
                         raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir, saved)
                     loss_sum += float(loss.astype(np.float64).sum())
+                    if several_costs:
+                        for name, values in ex.cost_losses().items():
+                            cost_sums[name] += float(values.astype(np.float64).sum())
                     seen += len(by)
                     rate = (seen - seen_before) / max(time.perf_counter() - t0, 1e-9)
                     if bar:
                         bar.update(1)
+                        shown = {"costs": cost_summary({k: v / seen for k, v in cost_sums.items()}, coeffs)} \
+                            if several_costs else {}
                         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", err=f"{1 - float(correct.mean()):.3f}",
-                                        img_s=f"{rate:.0f}")
+                                        img_s=f"{rate:.0f}", **shown)
                     epoch_done, last = position == per_epoch, step == total
                     if epoch_done or last or (test_freq and step % test_freq == 0):
                         history.append(_record(ex, ds, plan, epoch, step, loss_sum / seen, rate, backend,
-                                               metrics if writes else None, test))
+                                               metrics if writes else None, test, multiview,
+                                               {k: v / seen for k, v in cost_sums.items()}, coeffs))
                     if epoch_done or last:
                         params = ex.parameters()
                         if not finite_arrays(params):       # only a plan without the parameter check gets here
@@ -291,11 +347,12 @@ def _diverged(ex: Executor, loader: Loader, epoch: int, state: dict, first_step:
 
 
 def _record(ex, ds, plan, epoch, step, train_loss, rate, backend, metrics: Path | None,
-            test: bool) -> Evaluation:
+            test: bool, multiview: bool = False, costs: dict[str, float] | None = None,
+            coeffs: dict[str, float] | None = None) -> Evaluation:
     """Evaluate (on every rank) and append the record to `metrics` (None: another rank writes it)."""
-    test_loss, test_error = evaluate(ex, ds.test_x, ds.test_y, plan.batch) if test else (None, None)
+    test_loss, test_error = evaluate(ex, ds.test_x, ds.test_y, plan.batch, multiview) if test else (None, None)
     ev = Evaluation(epoch, step, train_loss, test_error, test_loss, rate, backend.name,
-                    ex.transport.size if ex.transport is not None else 1)
+                    ex.transport.size if ex.transport is not None else 1, costs or None, coeffs if costs else None)
     if metrics is None:
         return ev
     with open(metrics, "a") as f:          # one whole line per write: a crash loses at most this line
