@@ -1,6 +1,6 @@
 """The CPU target of the OpenCL backend: gpu<k>.cpu.cl, its kernels and how a run picks them.
 
-The CPU-shaped kernels (templates/cpu_gemm.j2) must compute what the reference computes for
+The CPU-shaped kernels (templates/cpu_*.j2) must compute what the reference computes for
 the same kernel cases as the GPU-shaped ones (tests/test_kernels_opencl.py), at every vector
 width the device can run; `cnnc compile --cpu-width` fixes the width, and `cnnc run` refuses
 a width the device does not prefer."""
@@ -59,12 +59,12 @@ def cpu_device(request):
 
 
 def test_the_cases_have_cpu_kernels():
-    """Every conv forward, conv backward-data of stride 1 and fc case of the GPU kernel matrix
-    gets a CPU kernel: work-groups of one, no barriers."""
+    """Every conv case (any stride, split-K too) and fc case of the GPU kernel matrix gets a CPU
+    kernel: work-groups of one, no barriers."""
     for width in WIDTHS:
         kernels = cpu_cases(width)
-        covered = [k for k in cases() if k.op in ("conv_fwd", "fc_fwd", "fc_bwd_data", "fc_bwd_filter")
-                   or k.op == "conv_bwd_data" and k.params["stride"] == 1]
+        covered = [k for k in cases() if k.op in ("conv_fwd", "conv_bwd_data", "conv_bwd_filter",
+                                                   "fc_fwd", "fc_bwd_data", "fc_bwd_filter")]
         assert [k.name for k in kernels] == [k.name for k in covered]
         source, launches = render_source(kernels, opencl_cpu(width), "test", "", "cases")
         assert "barrier(" not in source and f"float{width} acc0_0" in source
@@ -105,7 +105,7 @@ def test_compile_writes_cpu_kernels_of_the_chosen_width(tiny_cnn, tmp_path):
     assert "float8 acc0_0" in (narrow / "gpu0.cpu.cl").read_text()
     kernels = json.loads((narrow / "plan.json").read_text())["kernels"]
     cpu = [k for k in kernels if "opencl-cpu" in k["launch"]]
-    assert {k["op"] for k in cpu} == {"conv_fwd", "fc_fwd", "fc_bwd_data", "fc_bwd_filter"}
+    assert {k["op"] for k in cpu} == {"conv_fwd", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter"}
     assert all(k["launch"]["opencl-cpu"]["width"] == 8 and k["launch"]["opencl-cpu"]["block"] == [1, 1, 1]
                for k in cpu)
 
@@ -142,6 +142,46 @@ def test_cpu_and_gpu_targets_train_alike(tiny_cnn, tmp_path, monkeypatch):
     """One epoch of the tiny network with each target: the same losses up to rounding."""
     out = tmp_path / "b"
     assert cli("compile", tiny_cnn, "-o", out, "--no-nvcc").exit_code == 0
+    losses = {}
+    for target in ("cpu", "gpu"):
+        monkeypatch.setenv("CNNC_OPENCL_TARGET", target)
+        result = cli("run", out, "--backend", "opencl", "-q", "--save-dir", tmp_path / target)
+        assert result.exit_code == 0, result.output
+        losses[target] = [json.loads(line)["train_loss"] for line in (tmp_path / target / "metrics.jsonl").open()]
+    np.testing.assert_allclose(losses["cpu"], losses["gpu"], rtol=1e-4)
+
+
+STRIDED_SOURCE = """\
+network strided
+
+input data: 1x8x8
+input labels: label(10)
+
+train {
+  batch = 32
+  epochs = 1
+  seed = 1
+  lr = 0.05
+}
+
+conv1 = conv(data, filters=8, size=3, padding=1) relu
+conv2 = conv(conv1, filters=16, size=3, stride=2, padding=1) relu
+fc3 = fc(conv2, outputs=10)
+probs = softmax(fc3)
+cost = logreg(labels, probs)
+"""
+
+
+def test_strided_and_split_k_gradients_train_alike_on_both_targets(tmp_path, monkeypatch):
+    """A stride-2 conv's input gradient and a split-K weight gradient run as CPU kernels, and
+    an epoch with them ends with the losses of the GPU-shaped kernels, up to rounding."""
+    source, out = tmp_path / "strided.cnn", tmp_path / "b"
+    source.write_text(STRIDED_SOURCE)
+    assert cli("compile", source, "-o", out, "--no-nvcc").exit_code == 0
+    kernels = json.loads((out / "plan.json").read_text())["kernels"]
+    on_cpu = {(k["op"], k["params"].get("stride"), k["params"].get("split", 1))
+              for k in kernels if "opencl-cpu" in k["launch"]}
+    assert {("conv_bwd_data", 2, 1), ("conv_bwd_filter", 1, 2), ("conv_bwd_filter", 2, 1)} <= on_cpu
     losses = {}
     for target in ("cpu", "gpu"):
         monkeypatch.setenv("CNNC_OPENCL_TARGET", target)

@@ -206,27 +206,38 @@ class CpuTiles:
 def _cpu_gemm(op: str, p: dict, g: dict) -> tuple[int, int, int, int]:
     """(lanes, units, columns per unit, reduction unroll) of a CPU kernel.  A convolution is
     vectorised over the GEMM's M (filters; channels for bwd_data) and walks output rows of
-    pixels; an fc op is vectorised over the GEMM's N and walks its M, one column each.  The
+    pixels (bwd_filter: pairs of channel and filter row, summing over output rows); an fc op is vectorised over the GEMM's N and walks its M, one column each.  The
     GEMM itself is the op registry's."""
     if op == "conv_fwd":
         return g["M"], p["N"] * p["P"], p["Q"], p["S"]
     if op == "conv_bwd_data":
         return g["M"], p["N"] * p["H"], p["W"], p["S"]
+    if op == "conv_bwd_filter":     # units: (channel, filter row) pairs, columns: filter columns
+        return g["M"], p["C"] // param(p, "groups") * p["R"], p["S"], 1
     return g["N"], g["M"], g["M"], next(u for u in (4, 2, 1) if g["K"] % u == 0)
 
 
-# The ops with a CPU kernel (templates/cpu_gemm.j2) and the params it needs of them
-_CPU_OPS = {"conv_fwd": lambda p: True, "conv_bwd_data": lambda p: p["stride"] == 1,
-            "fc_fwd": lambda p: True, "fc_bwd_data": lambda p: True, "fc_bwd_filter": lambda p: True}
+# The ops with a CPU kernel
+_CPU_OPS = frozenset({"conv_fwd", "conv_bwd_data", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter"})
+# the ops with a CPU template of their own; the others' is cpu_gemm.j2
+_CPU_TEMPLATES = {"conv_bwd_filter": "cpu_conv_bwd_filter.j2"}
+
+
+def _cpu_local_bytes(k: Kernel, t: CpuTiles) -> int:
+    """Work-group memory a CPU kernel takes: the packed weight panel, or for a weight gradient
+    one row of packed dy and the sums of its (channel, filter row) pairs."""
+    if k.op == "conv_bwd_filter":
+        return (k.params["Q"] + t.chunk * k.params["S"]) * t.lanes * 4
+    return t.lanes * OPS[k.op].gemm(k.params)["K"] * 4
 
 
 def cpu_kernel(k: Kernel, width: int) -> bool:
-    """Does kernel `k` get a CPU-shaped kernel at this vector width?  conv forward, conv
-    backward-data with stride 1 and the fc ops do when their packed weight panel fits in
-    work-group memory; every other kernel runs its GPU-shaped OpenCL kernel on the CPU too."""
-    if k.op not in _CPU_OPS or not _CPU_OPS[k.op](k.params):
+    """Does kernel `k` get a CPU-shaped kernel at this vector width?  The conv and fc ops do
+    when what they pack fits in work-group memory; every other kernel runs its GPU-shaped
+    OpenCL kernel on the CPU too."""
+    if k.op not in _CPU_OPS:
         return False
-    return _cpu_tiles(k, width).lanes * OPS[k.op].gemm(k.params)["K"] * 4 <= _CPU_PANEL_BYTES
+    return _cpu_local_bytes(k, _cpu_tiles(k, width)) <= _CPU_PANEL_BYTES
 
 
 def _cpu_tiles(k: Kernel, width: int) -> CpuTiles:
@@ -273,6 +284,12 @@ def signature(op: str, d: Dialect) -> str:
     return ", ".join(parts)
 
 
+def _split_k_note(g: dict) -> list[str]:
+    if g.get("split", 1) == 1:
+        return []
+    return [f"split-K: grid z = {g['split']} slices of {g['split_k']} of the reduction, each writing its own partial sum"]
+
+
 def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") -> tuple[str, dict]:
     """The source of one kernel in one dialect, and its launch geometry."""
     if not _IDENTIFIER.fullmatch(k.name):      # layer names are identifiers, and so are the planner's tags
@@ -283,16 +300,17 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
     spec = OPS[k.op]
     if cpu:
         g = spec.gemm(k.params)
-        units = "output rows" if k.op.startswith("conv") else "columns"
+        units = {"conv_bwd_filter": "(channel, filter row) pairs"}.get(
+            k.op, "output rows" if k.op.startswith("conv") else "columns")
         notes.append(f"CPU: GEMM M={g['M']} N={g['N']} K={g['K']}; {t.vectors} x float{t.width} outputs x "
                      f"{t.columns} broadcast columns in registers, {t.chunk} {units} per work-item")
+        notes += _split_k_note(g)
     elif spec.gemm:
         g = spec.gemm(k.params)
         notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
                      f"{t.TM}x{t.TN} per thread, {t.threads} threads")
         if g.get("split", 1) > 1:
-            notes.append(f"split-K: grid z = {g['split']} slices of {g['split_k']} of the reduction, "
-                         f"each writing its own partial sum")
+            notes += _split_k_note(g)
         elif "batch" in g:
             what = "group" if k.op.startswith("conv") else "output position"
             notes.append(f"{g['batch']} independent GEMMs, one per {what} (grid z)")
@@ -313,7 +331,8 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         global_case=lambda var: global_case(k.params, var),
     )
     try:
-        text = _env().get_template("cpu_gemm.j2" if cpu else f"{spec.family}.j2").render(**ctx)
+        template = _CPU_TEMPLATES.get(k.op, "cpu_gemm.j2") if cpu else f"{spec.family}.j2"
+        text = _env().get_template(template).render(**ctx)
     except ConstantRangeError as e:
         raise CompileError(Diagnostic(f"layer '{k.layer}' needs the constant {e.args[0]:g} in its kernel "
                                       f"{k.name}, more than a 32-bit float holds", file,
