@@ -64,7 +64,7 @@ def main() -> None:
         return
     print(f"{r.backend}, {args.target} kernels, batch {r.batch}; PyTorch {r.torch['version']} "
           f"(GFLOP/s; ratio = cnnc / PyTorch, one run)")
-    print(f"| layer | fwd | torch fwd | fwd ratio | bwd | torch bwd | bwd ratio |")
+    print("| layer | fwd | torch fwd | fwd ratio | bwd | torch bwd | bwd ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['layer']} | {row['fwd_gflops']:.1f} | {row['torch_fwd_gflops']:.1f} | {row['fwd_ratio']:.2f}x "
