@@ -194,6 +194,10 @@ class Executor:
         self.backend.synchronize()
 
     # -- running ------------------------------------------------------------------
+    def buffer_args(self, op: Op) -> dict[str, str]:
+        """A launch's buffer arguments by the op's argument name (its scalars are not in op.args)."""
+        return dict(zip(OPS[self.plan.kernels[op.kernel].op].buffers, op.args))
+
     def _launch_args(self, op: Op, progress: float) -> list[Any]:
         kernel = self.plan.kernels[op.kernel]
         args, buffers = [], iter(op.args)
@@ -335,7 +339,7 @@ class Executor:
         def capture(device, op, seconds):
             if op.kind != "launch":
                 return
-            args = dict(zip((name for name, _ in OPS[self.plan.kernels[op.kernel].op].args), op.args))
+            args = self.buffer_args(op)
             if args.get("loss") in cases_of:
                 probs = self.read(args["probs"]).reshape(-1, self.plan.classes)
                 at = 0
@@ -356,7 +360,7 @@ class Executor:
         for ops in plan.programs["test"].values():
             for op in ops:
                 if op.kind == "launch":
-                    args = dict(zip((name for name, _ in OPS[plan.kernels[op.kernel].op].args), op.args))
+                    args = self.buffer_args(op)
                     if "probs" in args and args.get("loss") in cases:
                         reads[args["loss"]] = cases[args["loss"]]
         if not reads or reads.keys() != cases.keys():

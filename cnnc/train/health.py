@@ -66,10 +66,9 @@ def first_nonfinite(ex: Executor, x: np.ndarray, y: np.ndarray, progress: float)
     def check(device: int, op: Op, seconds: float) -> None:
         if op.kind != "launch":
             return
-        buffers = [role for _, role in OPS[ex.plan.kernels[op.kernel].op].args
-                   if role not in (Role.SCALAR, Role.INT_SCALAR)]
-        for role, buffer_id in zip(buffers, op.args):
-            if role is not Role.IN and ex.plan.buffers[buffer_id].dtype == "f32" \
+        roles = dict(OPS[ex.plan.kernels[op.kernel].op].args)
+        for name, buffer_id in ex.buffer_args(op).items():
+            if roles[name] is not Role.IN and ex.plan.buffers[buffer_id].dtype == "f32" \
                     and not np.isfinite(ex.read(buffer_id)).all():
                 raise _Found(_describe(ex, op, buffer_id))
 
