@@ -160,8 +160,14 @@ def abort_on_failure(fn: Callable) -> Callable:
     return wrapper
 
 
+# MPI_Abort makes the launcher end the job at once, and its proxies drop output they have
+# not yet forwarded: give them this long to forward this rank's last message first.
+_FORWARD_GRACE_S = 0.5
+
+
 def _abort(code: int) -> None:
     if launched_ranks() > 1 and "mpi4py.MPI" in sys.modules:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(_FORWARD_GRACE_S)
         sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
