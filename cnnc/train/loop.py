@@ -170,8 +170,10 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
     history: list[Evaluation] = []
     saved = min(step, total) // per_epoch           # the last epoch whose parameters are on disk
 
-    def checkpoint(epoch: int, position: int, loss_sum: float, seen: int) -> None:
-        params, momenta = ex.parameters(), ex.momenta()
+    def checkpoint(epoch: int, position: int, loss_sum: float, seen: int,
+                   params: dict[str, np.ndarray] | None = None) -> None:
+        """`params`: this step's parameters where the caller has already read them."""
+        params, momenta = params if params is not None else ex.parameters(), ex.momenta()
         if not (finite_arrays(params) and finite_arrays(momenta)):
             raise _diverged(ex, loader, epoch, state, first_step, step, total, loss, save_dir, saved)
         costs = dict(cost_sums)
@@ -230,6 +232,7 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
                         history.append(_record(ex, ds, plan, epoch, step, loss_sum / seen, rate, backend,
                                                metrics if writes else None, test, multiview,
                                                {k: v / seen for k, v in cost_sums.items()}, coeffs))
+                    params = None
                     if epoch_done or last:
                         params = ex.parameters()
                         if not finite_arrays(params):       # only a plan without the parameter check gets here
@@ -239,7 +242,7 @@ def train(plan: Plan, backend: Backend, ds: Dataset, epochs: int, save_dir: Path
                             save_weights(save_dir / WEIGHTS_FILE, params, data_metadata(ds.class_names, ds.mean))
                         saved = epoch if epoch_done else saved
                     if last or pending or (step % save_freq == 0 if save_freq else epoch_done):
-                        checkpoint(epoch, position, loss_sum, seen)
+                        checkpoint(epoch, position, loss_sum, seen, params)
                     if pending:
                         if bar:
                             bar.close()
