@@ -491,8 +491,11 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
         say(f"test error {test_error * 100:5.2f}%  test loss {test_loss:.4f}  ({ds.n_test} images)")
         return
     save_dir = resume or save_dir or build_dir / "train"
-    if checkpoint is not None and epochs is None and steps is None:    # the resumed run's own goal
-        epochs, steps = checkpoint.epochs, checkpoint.steps
+    if checkpoint is not None:          # the resumed run's own goal, where not given anew
+        if steps is None and epochs is None:
+            steps = checkpoint.steps
+        if epochs is None:
+            epochs = checkpoint.epochs
     epochs = epochs or p.epochs
     goal = f"{epochs} epochs" + (f" or {steps} steps" if steps else "")
     ranks = f", {transport.size} ranks" if transport is not None else ""
