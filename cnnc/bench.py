@@ -7,7 +7,8 @@ backend is synchronised around each), so they add up to a little more than
 the free-running step.  An inference step runs the test program, the forward pass
 as evaluation runs it (dropout at its test-time scaling, no backward, no updates).
 With `--against torch` the same network is built in PyTorch (when it is installed)
-and timed on the same data, side by side.
+and timed on the same data, side by side, on the same kind of device: the same GPU
+(cuDNN) against the cuda backend, the host CPU against the others.
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def bench(build_dir: Path, backend_name: str, gpus: list[int], batch: int | None
     build_dir = Path(build_dir)
     with tempfile.TemporaryDirectory(prefix="cnnc-bench-") as tmp:
         plan = load_plan(build_dir) if batch is None else _rebuilt(build_dir, batch, Path(tmp))
+        if against == "torch":              # refused before the long cnnc run, not after it
+            from cnnc.bench_torch import require_torch, torch_device
+            torch_on = torch_device(require_torch(), backend_name, gpus[min(plan.devices)])
         where = build_dir if batch is None else Path(tmp)
         backend = make_backend(backend_name, plan, where, gpus)
         ex = Executor(plan, backend)
@@ -113,7 +117,7 @@ def bench(build_dir: Path, backend_name: str, gpus: list[int], batch: int | None
         if against == "torch":
             from cnnc.bench_torch import torch_step_ms
             source = (build_dir / "source.cnn").read_text()
-            result.torch = torch_step_ms(source, plan.batch, x, y, steps, warmup)
+            result.torch = torch_step_ms(source, plan.batch, x, y, steps, warmup, torch_on)
     return result
 
 

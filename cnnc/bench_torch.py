@@ -19,7 +19,7 @@ from cnnc.frontend.parser import parse
 from cnnc.ir import Layer
 
 
-def _torch():
+def require_torch():
     try:
         import torch
     except ImportError:
@@ -271,12 +271,38 @@ def build_model(torch, net):
     return Layerwise()
 
 
-def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: int, warmup: int) -> dict:
-    torch = _torch()
+def torch_device(torch, backend: str, gpu: int) -> str:
+    """The device PyTorch runs on to be compared fairly with a cnnc backend: the same CUDA GPU
+    (with cuDNN) as the cuda backend's first logical device, else the host's CPU, which the
+    opencl (PoCL) and reference backends also run on.  A CUDA comparison that this PyTorch
+    cannot make is refused rather than quietly made against the CPU."""
+    if backend != "cuda":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise BackendError(f"--against torch on the cuda backend needs a PyTorch built with CUDA "
+                           f"(this is PyTorch {torch.__version__}, CPU only)")
+    return f"cuda:{gpu}"
+
+
+def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: int, warmup: int,
+                  device: str = "cpu") -> dict:
+    torch = require_torch()
     net = check(parse(source, "source.cnn"))
-    model = build_model(torch, net)
+    model = build_model(torch, net).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True        # let cuDNN pick its fastest algorithms
+
+    def settle():
+        """GPU work is asynchronous: a host clock measures it only after it has finished."""
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
+    def clock() -> float:
+        settle()
+        return time.perf_counter()
 
     def step():
         opt.zero_grad()
@@ -285,28 +311,29 @@ def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: 
 
     for _ in range(warmup):
         step()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(steps):
         step()
-    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    step_ms = (clock() - t0) / steps * 1e3
     times: dict[str, dict[str, float]] = defaultdict(lambda: {"forward_ms": 0.0, "backward_ms": 0.0})
     starts: dict[tuple[str, str], float] = {}
     handles = []
     for name, part in model.parts.items():
         handles.append(part.register_forward_pre_hook(
-            lambda m, i, n=name: starts.__setitem__((n, "f"), time.perf_counter())))
+            lambda m, i, n=name: starts.__setitem__((n, "f"), clock())))
         handles.append(part.register_forward_hook(
             lambda m, i, o, n=name: times[n].__setitem__(
-                "forward_ms", times[n]["forward_ms"] + (time.perf_counter() - starts[(n, "f")]) * 1e3)))
+                "forward_ms", times[n]["forward_ms"] + (clock() - starts[(n, "f")]) * 1e3)))
         handles.append(part.register_full_backward_pre_hook(
-            lambda m, g, n=name: starts.__setitem__((n, "b"), time.perf_counter())))
+            lambda m, g, n=name: starts.__setitem__((n, "b"), clock())))
         handles.append(part.register_full_backward_hook(
             lambda m, gi, go, n=name: times[n].__setitem__(
-                "backward_ms", times[n]["backward_ms"] + (time.perf_counter() - starts[(n, "b")]) * 1e3)))
+                "backward_ms", times[n]["backward_ms"] + (clock() - starts[(n, "b")]) * 1e3)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # hooks on the first layer see no input gradient: expected
         step()
     for h in handles:
         h.remove()
-    return {"version": torch.__version__, "device": "cpu", "step_ms": step_ms,
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    return {"version": torch.__version__, "device": f"{device} ({name})" if on_gpu else "cpu", "step_ms": step_ms,
             "layers": {k: dict(v) for k, v in times.items()}}

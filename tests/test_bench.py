@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cnnc.cli import main
@@ -39,3 +40,30 @@ def test_bench_against_torch(tmp_path):
     else:
         assert result.exit_code == 0, result.output
         assert "PyTorch" in result.output.splitlines()[-1]
+
+
+class _TorchWithoutCuda:
+    """Just enough of a CPU-only PyTorch for the device choice."""
+    __version__ = "2.x+cpu"
+
+    class cuda:
+        @staticmethod
+        def is_available():
+            return False
+
+
+class _TorchWithCuda(_TorchWithoutCuda):
+    class cuda:
+        @staticmethod
+        def is_available():
+            return True
+
+
+def test_torch_is_timed_on_the_same_kind_of_device():
+    from cnnc.backends.base import BackendError
+    from cnnc.bench_torch import torch_device
+    assert torch_device(_TorchWithCuda, "opencl", 1) == "cpu"          # PoCL runs on the host CPU
+    assert torch_device(_TorchWithCuda, "reference", 0) == "cpu"
+    assert torch_device(_TorchWithCuda, "cuda", 1) == "cuda:1"         # the GPU of logical device 0
+    with pytest.raises(BackendError, match="PyTorch built with CUDA"):
+        torch_device(_TorchWithoutCuda, "cuda", 0)                     # never quietly against the CPU
