@@ -4,6 +4,8 @@ Writes a build directory:
 
     gpu<k>.cu, gpu<k>.cl      one translation unit per logical device and dialect
     gpu<k>.sm_XX.cubin        when nvcc is available, per requested architecture
+    gpu<k>.ptx                with them, PTX of the lowest architecture: the CUDA driver compiles it
+                              for GPUs no cubin fits (sm_86 runs the sm_80 cubin, sm_120 this)
     source.cnn                the source it was compiled from (cnnc bench recompiles it)
     plan.json                 the schedule the runtime executes
     manifest.json             shapes, parameters, sizes, kernel resources, hashes
@@ -181,13 +183,14 @@ def _build(source: str, file: str, out_dir: Path, archs: Sequence[str], nvcc: st
             for dev in plan.devices:
                 cu = scratch / f"gpu{dev}.cu"
                 try:
-                    result = stage(f"nvcc gpu{dev}", compile_cubins, cu, scratch, list(archs), f"gpu{dev}")
+                    result = stage(f"nvcc gpu{dev}", lambda: compile_cubins(cu, scratch, list(archs), f"gpu{dev}",
+                                                                            ptx=True))
                 except NvccError as e:
                     keep_scratch = True
                     raise CompileError(Diagnostic(
                         str(e).splitlines()[0], str(out_dir / cu.name),
                         hint=f"the generated source is kept in {cu}; reproduce with: {e.repro}")) from None
-                produced.extend(p.name for p in result.outputs.values())
+                produced.extend(p.name for p in [*result.outputs.values(), result.ptx])
                 for kname, per_arch in result.resources.items():
                     threads = plan.kernels[kname].launch["cuda"]["block"][0]
                     resources[kname] = {a: dict(r.to_json(), **occupancy(a, threads, r.registers, r.shared_bytes))

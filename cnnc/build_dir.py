@@ -28,9 +28,9 @@ from typing import Iterator
 MARKER = ".cnnc-build"
 LOCK = ".cnnc-lock"
 MANIFEST_FORMAT = 2                  # 2: with the sha256 of every file
-# generated sources and cubins: a backend picks them by name, so one the manifest does not list
+# generated sources, cubins and PTX: a backend picks them by name, so one the manifest does not list
 # (left by another build) must neither be loaded nor kept
-ARTEFACT_RE = re.compile(r"gpu\d+\.(cu|cl|cpu\.cl|sm_\w+\.cubin)")
+ARTEFACT_RE = re.compile(r"gpu\d+\.(cu|cl|cpu\.cl|ptx|sm_\w+\.cubin)")
 
 
 class BuildError(Exception):

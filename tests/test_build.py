@@ -25,7 +25,7 @@ HAVE_NVCC = find_nvcc() is not None
 needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found")
 
 SOURCES = {"gpu0.cu", "gpu0.cl", "gpu0.cpu.cl", "source.cnn", "plan.json", "manifest.json"}
-CUBINS = {"gpu0.sm_80.cubin", "gpu0.sm_90.cubin"}
+CUBINS = {"gpu0.sm_80.cubin", "gpu0.sm_90.cubin", "gpu0.ptx"}     # nvcc's outputs, PTX included
 
 BROKEN = {
     # a missing comma: rejected by the parser
@@ -202,7 +202,7 @@ def test_changed_arch_list_rebuilds_and_drops_old_cubins(nvcc_build, tmp_path: P
     result = compile_file(src, out, archs=("sm_90",))
     assert not result.up_to_date
     # an sm_80 cubin left from the earlier build would be loaded by the cuda backend
-    assert {p.name for p in out.iterdir()} == SOURCES | {"gpu0.sm_90.cubin", MARKER}
+    assert {p.name for p in out.iterdir()} == SOURCES | {"gpu0.sm_90.cubin", "gpu0.ptx", MARKER}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["archs"] == ["sm_90"]
     assert all(set(k["resources"]) == {"sm_90"} for k in manifest["kernels"].values())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from cnnc.codegen.nvcc import (
     compile_cubins,
     find_nvcc,
     parse_ptxas_report,
+    ptx_arch,
     validate_arch,
 )
 
@@ -139,3 +142,47 @@ ptxas info    : Used 12 registers, used 0 barriers
         registers=255, spill_stores=8, spill_loads=12, shared_bytes=2048,
         stack_bytes=48, const_bytes=372, barriers=None)
     assert res["k2"].registers == 12 and res["k2"].const_bytes is None
+
+
+def test_ptx_arch_is_the_lowest_without_suffix() -> None:
+    assert ptx_arch(["sm_90", "sm_80"]) == "compute_80"
+    assert ptx_arch(["sm_100f", "sm_90a"]) == "compute_90"
+    with pytest.raises(ValueError):
+        ptx_arch(["sm_70"])
+
+
+def test_ptx_of_the_lowest_arch_compiles_for_a_later_gpu(tmp_path: Path) -> None:
+    """The PTX a build ships is what the driver JIT-compiles on GPUs without a fitting cubin;
+    ptxas compiling it for sm_120 stands in for that driver (no GPU needed)."""
+    src = tmp_path / "kernels.cu"
+    src.write_text(SMEM_KERNEL)
+    out = tmp_path / "out"
+    result = compile_cubins(src, out, archs=("sm_90", "sm_80"), ptx=True)
+    assert result.ptx == out.resolve() / "kernels.ptx"
+    assert set(result.outputs) == {"sm_90", "sm_80"}           # the PTX is no cubin
+    assert "-arch=compute_80" in result.commands["compute_80"] and "-ptx" in result.commands["compute_80"]
+    text = result.ptx.read_text()
+    assert ".target sm_80" in text
+    assert ".entry reverse256" in text and ".entry add_one" in text
+    assert sorted(p.name for p in out.iterdir()) == ["kernels.ptx", "kernels.sm_80.cubin", "kernels.sm_90.cubin"]
+    ptxas = Path(find_nvcc()).with_name("ptxas")
+    if ptxas.is_file():
+        done = subprocess.run([str(ptxas), "-arch=sm_120", "-o", str(tmp_path / "jit.cubin"), str(result.ptx)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_build_ships_the_ptx_of_every_device(tmp_path: Path) -> None:
+    from cnnc.build import compile_network
+
+    source = (Path(__file__).parent.parent / "examples" / "digits.cnn").read_text()
+    result = compile_network(source, "digits.cnn", tmp_path / "build", archs=("sm_90", "sm_80"))
+    manifest = json.loads((tmp_path / "build" / "manifest.json").read_text())
+    for dev in result.plan.devices:
+        ptx = tmp_path / "build" / f"gpu{dev}.ptx"
+        assert ptx.name in manifest["files"] and ptx.name in manifest["sha256"]
+        text = ptx.read_text()
+        assert ".target sm_80" in text
+        launched = {op.kernel for program in result.plan.programs.values() for op in program.get(dev, [])
+                    if op.kind == "launch"}
+        assert launched and all(f".entry {name}(" in text for name in launched)

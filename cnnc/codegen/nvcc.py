@@ -28,6 +28,7 @@ __all__ = [
     "compile_cubins",
     "find_nvcc",
     "parse_ptxas_report",
+    "ptx_arch",
     "validate_arch",
 ]
 
@@ -38,6 +39,7 @@ MIN_SM = 75
 # must agree with the NumPy reference, and --use_fast_math changes division,
 # sqrt, exp and denormal handling.
 _BASE_FLAGS: tuple[str, ...] = ("-cubin", "-O3", "-std=c++17", "-Xptxas", "-v")
+_PTX_FLAGS: tuple[str, ...] = ("-ptx", "-O3", "-std=c++17")
 _FAST_MATH_FLAGS = frozenset({"--use_fast_math", "-use_fast_math"})
 _ARCH_RE = re.compile(r"sm_(\d+)([af]?)")
 
@@ -71,6 +73,13 @@ def validate_arch(arch: str) -> str:
             f"sm_{MIN_SM} and newer"
         )
     return arch
+
+
+def ptx_arch(archs: Sequence[str]) -> str:
+    """The virtual architecture of the PTX a build ships: that of its lowest --arch, without
+    an a/f suffix, so that the driver can compile it for any later GPU (sm_86, sm_120, ...)
+    for which no cubin fits."""
+    return "compute_" + str(min(int(_ARCH_RE.fullmatch(validate_arch(a)).group(1)) for a in archs))
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class NvccResult:
     commands: dict[str, list[str]] = field(default_factory=dict)
     # nvcc/ptxas stderr per architecture (the -v report plus any warnings).
     logs: dict[str, str] = field(default_factory=dict)
+    # <stem>.ptx for the lowest architecture, when asked for (its command is in ``commands``)
+    ptx: Path | None = None
 
 
 class NvccError(Exception):
@@ -234,16 +245,17 @@ class _ArchRun:
 def _compile_one(nvcc: str, source: Path, shown: str, out_dir: Path, stem: str,
                  arch: str, extra_flags: Sequence[str],
                  timeout_s: float | None) -> _ArchRun:
-    """Compile one arch into a temp file and rename it, so a reader never
-    sees a half-written cubin and a failed build leaves the old one intact."""
-    final = out_dir / f"{stem}.{arch}.cubin"
+    """Compile one arch (a compute_XY one: to PTX) into a temp file and rename it, so a reader
+    never sees a half-written output and a failed build leaves the old one intact."""
+    ptx = arch.startswith("compute_")
+    final = out_dir / (f"{stem}.ptx" if ptx else f"{stem}.{arch}.cubin")
     # The recorded command names the real output, so it can be rerun as is.
-    command = [nvcc, *_BASE_FLAGS, f"-arch={arch}", *extra_flags,
+    command = [nvcc, *(_PTX_FLAGS if ptx else _BASE_FLAGS), f"-arch={arch}", *extra_flags,
                "-o", str(final), str(source)]
     repro = shlex.join(command)
     # A unique name that nvcc itself creates, so the cubin gets the usual
     # umask permissions rather than mkstemp's owner-only ones.
-    tmp = out_dir / f".{stem}.{arch}.{os.getpid()}.{uuid.uuid4().hex}.cubin.tmp"
+    tmp = out_dir / f".{stem}.{arch}.{os.getpid()}.{uuid.uuid4().hex}{final.suffix}.tmp"
     run_cmd = command[:-3] + ["-o", str(tmp), str(source)]
     try:
         try:
@@ -268,7 +280,7 @@ def _compile_one(nvcc: str, source: Path, shown: str, out_dir: Path, stem: str,
                             NvccError(shown, arch, log, repro, reason=reason))
         if not tmp.is_file() or tmp.stat().st_size == 0:
             return _ArchRun(arch, final, command, log, NvccError(
-                shown, arch, log, repro, reason="nvcc produced an empty cubin"))
+                shown, arch, log, repro, reason=f"nvcc produced an empty {final.suffix[1:]}"))
         os.replace(tmp, final)
         return _ArchRun(arch, final, command, log, None)
     finally:
@@ -288,9 +300,10 @@ def compile_cubins(source: Path, out_dir: Path,
                    stem: str | None = None,
                    extra_flags: Sequence[str] = (),
                    *, nvcc: str | None = None,
-                   timeout_s: float | None = 600.0) -> NvccResult:
+                   timeout_s: float | None = 600.0, ptx: bool = False) -> NvccResult:
     """Build ``out_dir/<stem>.<arch>.cubin`` for every arch and collect the
-    ptxas resource report per kernel.
+    ptxas resource report per kernel; with `ptx`, also ``out_dir/<stem>.ptx``
+    for the lowest arch (see `ptx_arch`).
 
     Archs are compiled concurrently; if several fail, the error reported is
     that of the first failing arch in ``archs`` order so the message is
@@ -324,25 +337,29 @@ def compile_cubins(source: Path, out_dir: Path,
                         reason="source file does not exist")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    workers = max(1, min(len(archs), os.cpu_count() or 1))
+    jobs = archs + ([ptx_arch(archs)] if ptx else [])
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         runs = list(pool.map(
             lambda a: _compile_one(exe, source, shown, out_dir, stem, a, flags,
                                    timeout_s),
-            archs))
+            jobs))
 
     for run in runs:
         if run.error is not None:
             raise run.error
+    ptx_run = runs.pop() if ptx else None
 
     resources: dict[str, dict[str, KernelResources]] = {}
     for run in runs:
         for name, res in parse_ptxas_report(run.log).items():
             resources.setdefault(name, {})[run.arch] = res
+    every = runs + ([ptx_run] if ptx_run else [])
     return NvccResult(
         outputs={r.arch: r.output for r in runs},
         resources=resources,
         command=runs[0].command,
-        commands={r.arch: r.command for r in runs},
-        logs={r.arch: r.log for r in runs},
+        commands={r.arch: r.command for r in every},
+        logs={r.arch: r.log for r in every},
+        ptx=ptx_run.output if ptx_run else None,
     )
