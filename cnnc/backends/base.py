@@ -70,7 +70,8 @@ class Backend(ABC):
 
     @abstractmethod
     def download(self, handle: Any, buffer: Buffer) -> np.ndarray:
-        """Copy device memory back into a new host array."""
+        """Copy device memory back into a new host array: its values after everything issued so
+        far on its device (the backend orders this itself; callers need no `synchronize`)."""
 
     @abstractmethod
     def launch(self, kernel: Kernel, device: int, args: Sequence[Any], stream: str = "compute") -> None:
@@ -87,6 +88,11 @@ class Backend(ABC):
 
     def wait(self, event: str, device: int, stream: str = "compute") -> None:
         """Make later work on a stream of `device` wait for `event` (no-op for synchronous backends)."""
+
+    def begin_run(self) -> None:
+        """A run of a program begins: none of its ops may overtake an op issued before it on
+        another stream or device (the plan orders ops within one run only).  No-op for
+        backends whose earlier work is finished or ordered by then."""
 
     def synchronize(self) -> None:
         """Wait until every launched kernel has finished."""
