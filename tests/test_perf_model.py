@@ -270,7 +270,7 @@ def test_user_errors_are_one_line(two_device_build, tmp_path):
                       "error: unknown machine 'k40'; known: a100, cpu, h100, h200, k20, k20x, titanx, v100")
     assert_user_error(cli("simulate", two_device_build, "--machine", "v100", "--link", "pcie9"),
                       "error: unknown link 'pcie9'; known: ethernet-100g, host-staging, infiniband-ndr, "
-                      "nvlink2, nvlink3, nvlink4, pcie3, pcie4, pcie5")
+                      "nvlink2, nvlink3, nvlink4, pcie2, pcie3, pcie4, pcie5")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     r = cli("simulate", two_device_build, "--machine", "v100", "--machine-file", bad)
