@@ -30,3 +30,72 @@ def test_cuda_training_steps_match_reference(tmp_path):
         results[name] = ex.parameters()
     for k, v in results["reference"].items():
         np.testing.assert_allclose(results["cuda"][k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def cuda_cases(tmp_path_factory):
+    """Every kernel test case rendered as CUDA into one module, and a backend that runs it."""
+    from cnnc.backends.cuda import CudaBackend
+    from cnnc.codegen.dialect import CUDA
+    from cnnc.codegen.nvcc import find_nvcc
+    from cnnc.codegen.render import render_source
+    from test_kernels_opencl import cases
+
+    if find_nvcc() is None:
+        pytest.skip("the CUDA kernel cases are compiled by nvcc, which is not on PATH")
+    kernels = cases()
+    source, launches = render_source(kernels, CUDA, "test", "", "kernel equivalence cases")
+    for k in kernels:
+        k.launch["cuda"] = launches[k.name]
+    build = tmp_path_factory.mktemp("cases")
+    (build / "gpu0.cu").write_text(source)          # no cubin or PTX: the backend compiles the source
+    return CudaBackend(build, {0: 0}), {k.name: k for k in kernels}
+
+
+def test_every_kernel_case_matches_reference_on_cuda(cuda_cases):
+    """The kernel test matrix (tests/test_kernels_opencl.py) on the GPU, with the CUDA target's
+    own spellings and tiles; one test, since the cases share one module and the GPU is fast."""
+    from test_kernels_opencl import check_kernel
+
+    backend, kernels = cuda_cases
+    failed = []
+    for k in kernels.values():
+        try:
+            check_kernel(backend, k)
+        except AssertionError as e:
+            failed.append(f"{k.name}: {str(e).strip().splitlines()[0]}")
+    assert not failed, "\n".join(failed)
+
+
+def test_logical_devices_on_one_gpu_train_as_one_device(tmp_path):
+    """--gpus 0,0: a data-parallel plan's two logical devices on one GPU train as the single-device
+    network does (within rounding: the shares' gradients are summed in another order), and a
+    model-parallel plan on one GPU gives the single-device bits exactly."""
+    from test_bitwise import assert_bitwise
+    from test_parallel import PLACEMENTS, assert_same_training, source, train
+
+    single = train(source({}), "cuda", 3, tmp_path, gpus=(0,))
+    assert_same_training(single, train(source(PLACEMENTS["data-2"]), "cuda", 3, tmp_path, gpus=(0, 0)))
+    assert_bitwise(single, train(source(PLACEMENTS["model"]), "cuda", 3, tmp_path, gpus=(0, 0, 0)))
+
+
+def _gpu_count() -> int:
+    import pycuda.driver as drv
+
+    drv.init()
+    return drv.Device.count()
+
+
+def test_two_gpus_train_bitwise_as_one(tmp_path):
+    """On two GPUs: a model-parallel plan gives the single-device bits, copies crossing between
+    the GPUs both ways; and one data-parallel plan gives the same bits on one GPU or on two."""
+    from test_bitwise import assert_bitwise
+    from test_parallel import PLACEMENTS, source, train
+
+    if _gpu_count() < 2:
+        pytest.skip("needs two GPUs")
+    single = train(source({}), "cuda", 3, tmp_path, gpus=(0,))
+    assert_bitwise(single, train(source(PLACEMENTS["model"]), "cuda", 3, tmp_path, gpus=(0, 1, 0)))
+    data = source(PLACEMENTS["data-2"])
+    assert_bitwise(train(data, "cuda", 3, tmp_path / "one", gpus=(0, 0)),
+                   train(data, "cuda", 3, tmp_path / "two", gpus=(0, 1)))
