@@ -31,9 +31,15 @@ for weight gradients summed over several passes (hybrid parallelism).
 
 Runtime scalars come in two kinds: ``SCALAR`` arguments are 32-bit floats
 (the optimiser's learning rate, momentum, ...); ``INT_SCALAR`` arguments are
-32-bit integers (the dropout RNG's seed and step), declared ``const int`` in
-the kernel and read as unsigned: a backend passes them as ``numpy.int32`` (or
-``numpy.uint32``), the reference backend accepts any integer.
+32-bit integers (the dropout RNG's seed and step), read as unsigned.  They are
+not passed by value: each logical device holds one int32 buffer of *step
+scalars*, written once per program run, and an op with runtime scalars takes
+that buffer as one more argument, ``scalars``, after its buffers (`kernel_args`),
+reading scalar i of its ``step_scalars`` from slot ``slots[i]``, fixed at plan
+time in the kernel's params (optional: absent means slots 0, 1, ...).  So a
+launch's arguments are the same every step.  A float entry holds the float's
+bit pattern, an integer entry its low 32 bits (`scalar_bits`, `scalar_value`).
+The reference ops themselves take the values, as numbers.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
+
+import numpy as np
 
 
 class Role(str, Enum):
@@ -89,7 +97,23 @@ class OpSpec:
 
     @property
     def buffers(self) -> tuple[str, ...]:
-        return tuple(a for a, role in self.args if role not in (Role.SCALAR, Role.INT_SCALAR))
+        return tuple(a for a, role in self.args if role not in SCALAR_DTYPES)
+
+    @property
+    def step_scalars(self) -> tuple[tuple[str, Role], ...]:
+        """The runtime scalar arguments, in argument order: what a launch reads from its
+        device's step-scalar buffer."""
+        return tuple((a, role) for a, role in self.args if role in SCALAR_DTYPES)
+
+    @property
+    def kernel_args(self) -> tuple[str, ...]:
+        """The arguments of the generated kernels and of every launch: the buffers, then the
+        step-scalar buffer if the op has runtime scalars."""
+        return self.buffers + ((SCALARS_ARG,) if self.step_scalars else ())
+
+    def slots(self, p: dict) -> list[int]:
+        """Where in the step-scalar buffer each of `step_scalars` is, by the kernel's params."""
+        return list(p.get("slots", range(len(self.step_scalars))))
 
     def bytes_moved(self, p: dict) -> int:
         """Bytes the launch must read and write at least once: the elements its buffer arguments
@@ -97,6 +121,23 @@ class OpSpec:
         sizes = self.sizes(p)
         roles = dict(self.args)
         return 4 * sum(sizes.get(a, 0) * (2 if roles[a] is Role.INOUT else 1) for a in self.buffers)
+
+
+# the type of each runtime scalar role's entry in the step-scalar table
+SCALAR_DTYPES = {Role.SCALAR: "f32", Role.INT_SCALAR: "i32"}
+SCALARS_ARG = "scalars"             # the kernel argument through which runtime scalars arrive
+
+
+def scalar_bits(value, dtype: str) -> np.int32:
+    """A step-scalar table entry: a float's bit pattern, an integer's low 32 bits."""
+    if dtype == "f32":
+        return np.float32(value).view(np.int32)
+    return np.uint32(int(value) & 0xFFFFFFFF).view(np.int32)
+
+
+def scalar_value(bits: np.int32, dtype: str):
+    """The value an entry holds (`scalar_bits` undone), as the kernels read it."""
+    return np.int32(bits).view(np.float32) if dtype == "f32" else np.int32(bits)
 
 
 I, O, IO, S, INT = Role.IN, Role.OUT, Role.INOUT, Role.SCALAR, Role.INT_SCALAR

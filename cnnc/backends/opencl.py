@@ -241,10 +241,9 @@ class OpenCLBackend(Backend):
         launch = kernel.launch.get(self._launch_dialect) or kernel.launch["opencl"]
         grid, block = launch["grid"], launch["block"]
         global_size = tuple(g * b for g, b in zip(grid, block))
-        # buffers are (cl.Buffer, device); numpy integers are int scalars (Role.INT_SCALAR)
-        cl_args = [a[0] if isinstance(a, tuple) else a if isinstance(a, np.integer) else np.float32(a)
-                   for a in args]
-        self._kernel(device, kernel.name)(self._queue(device, stream), global_size, tuple(block), *cl_args)
+        # every argument is a buffer, (cl.Buffer, device): runtime scalars are in the step-scalar buffer
+        self._kernel(device, kernel.name)(self._queue(device, stream), global_size, tuple(block),
+                                          *(a[0] for a in args))
 
     def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count, stream="copy-in") -> None:
         if count:

@@ -1,7 +1,8 @@
 """The reference backend: every op in numpy, on the host.
 
 Buffers are numpy arrays and a launch calls the op's numpy implementation in
-:mod:`cnnc.backends.reference_ops` with the kernel's parameters, so the very
+:mod:`cnnc.backends.reference_ops` with the kernel's parameters (its runtime
+scalars read from the step-scalar buffer, as the kernels read them), so the very
 same plan that drives the GPU kernels runs here too.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cnnc.backends.base import DTYPES, Backend, DeviceMemory, available_host_memory
-from cnnc.backends.reference_ops import REFERENCE_OPS
+from cnnc.backends.reference_ops import run_launch
 from cnnc.plan.schedule import Buffer, Kernel
 
 
@@ -38,7 +39,7 @@ class ReferenceBackend(Backend):
     def launch(self, kernel: Kernel, device: int, args: Sequence, stream: str = "compute") -> None:
         # overflow and NaN are the training loop's to notice and report, as on the devices
         with np.errstate(all="ignore"):
-            REFERENCE_OPS[kernel.op](kernel.params, *args)
+            run_launch(kernel.op, kernel.params, args)
 
     def copy(self, src, src_device, src_offset, dst, dst_device, dst_offset, count, stream="copy-in") -> None:
         dst[dst_offset:dst_offset + count] = src[src_offset:src_offset + count]

@@ -7,7 +7,9 @@ correct rather than fast (vectorised numpy, no hand tuning).
 
 Every function has the signature ``fn(params, *args)`` with ``args`` in the
 order of ``OPS[name].args``: buffers are flat 1-D arrays (outputs are written
-in place through reshaped views), scalars are Python floats.  The functions
+in place through reshaped views), scalars are numbers.  `run_launch` calls one
+with a launch's arguments instead, reading the scalars from the step-scalar
+buffer as the kernels do.  The functions
 preserve the dtype of their arrays, so tests can run them in float64.  Each
 registers itself with ``@reference`` in the op registry (``cnnc.ops.REFERENCES``).
 """
@@ -17,7 +19,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnc.neurons import Neuron
-from cnnc.ops import REFERENCES, dropout_threshold, norm_add_scale, param, reference
+from cnnc.ops import (OPS, REFERENCES, SCALAR_DTYPES, SCALARS_ARG, dropout_threshold, norm_add_scale, param,
+                      reference, scalar_value)
 
 
 # ----------------------------------------------------------------- helpers
@@ -685,3 +688,14 @@ def replica_sum(p, stage, g):
 
 # every op's implementation, registered above with @reference
 REFERENCE_OPS = REFERENCES
+
+
+def run_launch(op: str, params: dict, args) -> None:
+    """Run op `op` on a launch's arguments, in the order of the generated kernel's
+    (``OPS[op].kernel_args``): its runtime scalars are read from the step-scalar buffer at
+    the slots the params fix, as the kernels read them."""
+    spec = OPS[op]
+    given = dict(zip(spec.kernel_args, args))
+    slots = dict(zip((a for a, _ in spec.step_scalars), spec.slots(params)))
+    REFERENCE_OPS[op](params, *(scalar_value(given[SCALARS_ARG][slots[a]], SCALAR_DTYPES[role])
+                                if role in SCALAR_DTYPES else given[a] for a, role in spec.args))

@@ -171,6 +171,8 @@ def op_label(op: Op) -> tuple[str, str]:
         return f"copy {op.src} -> {op.dst}", "communication"
     if op.kind == "upload":
         return f"upload {op.input} -> {op.dst}", "communication"
+    if op.kind == "scalars":
+        return f"step scalars -> {op.dst}", "communication"
     return op.kind, "communication"
 
 
@@ -192,7 +194,7 @@ def plan_cost(plan, machine: Machine, physical: dict[int, int], rooflines: dict[
                 seconds = machine.launch_overhead_us * 1e-6 + 2 * nbytes / (machine.bandwidth * machine.memory_efficiency)
                 return Activity(seconds, (("copy", here),), category, name)
             return Activity(link.seconds(nbytes), (("link", there, here),), category, name)
-        if op.kind == "upload":
+        if op.kind in ("upload", "scalars"):
             return Activity(machine.host_link.seconds(plan.buffers[op.dst].nbytes), (("host", here),),
                             category, name)
         return None

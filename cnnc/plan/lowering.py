@@ -37,7 +37,8 @@ class Site:
     def launch(self, tag: str, op: str, params: dict, args: tuple[str, ...], writes: tuple[str, ...],
                summary: str, **scalars) -> None:
         """Emit one kernel launch; `scalars` are the op's runtime scalar arguments (numbers, or
-        names of the executor's counters such as "seed" and "step")."""
+        names of the executor's counters such as "seed" and "step"), which the planner puts
+        in the plan's step-scalar table."""
         self.emit(f"{self.layer.name}_{tag}", op, params, args, writes, summary, **scalars)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3                 # 3: runtime scalars in a step-scalar buffer, not in launches
 
 
 def _shallow(obj) -> dict:
@@ -30,7 +30,8 @@ class Buffer:
     size: int                  # elements
     dtype: str                 # "f32" | "i32"
     role: str                  # input | labels | activation | gradient | weights | biases | weight_grad |
-    #                            momentum | cost | mirror | staging | health (int flags the host reads)
+    #                            momentum | cost | mirror | staging | health (int flags the host reads) |
+    #                            scalars (the device's step-scalar table, i32, see StepScalar)
     layer: str
     storage: str = ""          # allocation it lives in (shared with buffers whose lifetimes are disjoint)
 
@@ -57,12 +58,26 @@ class Kernel:
 
 
 @dataclass(frozen=True)
+class StepScalar:
+    """One entry of the plan's step-scalar table: a runtime scalar some launch reads (the
+    table holds each distinct one once), and where its value comes from at each run."""
+
+    source: Any                # a number, a schedule dict (evaluated at the run's progress), or
+    #                            the name of an executor counter ("seed", "step")
+    dtype: str                 # "f32" | "i32"
+
+
+@dataclass(frozen=True)
 class Op:
     """One step of a device's program.
 
     kind:
-      launch   run `kernel` on `args` (buffer ids in op-argument order) and
-               `scalars` (numbers, or schedule dicts evaluated at the current progress)
+      launch   run `kernel` on `args` (buffer ids in the order of the op's kernel_args: its
+               runtime scalars come from the device's step-scalar buffer, the last of them)
+      scalars  write this run's values of the plan's step-scalar table into `dst`, the
+               device's step-scalar buffer: first in each program that reads it, on the
+               compute stream, where every launch that reads it runs (so a run never rewrites
+               it while an earlier run's launches may still read it)
       copy     `count` elements from `src`[src_offset:] to `dst`[dst_offset:] (dst is on this device)
       upload   the host's minibatch cases `cases` ((start, count) ranges, concatenated) of
                input `input` into `dst`
@@ -74,7 +89,6 @@ class Op:
     stream: str = "compute"
     kernel: str = ""
     args: tuple[str, ...] = ()
-    scalars: dict[str, Any] = field(default_factory=dict)
     src: str = ""
     dst: str = ""
     src_offset: int = 0
@@ -153,6 +167,7 @@ class Plan:
     layers: list[LayerPlacement] = field(default_factory=list)
     image_shape: tuple[int, int, int] = (1, 1, 1)
     classes: int = 0
+    scalars: list[StepScalar] = field(default_factory=list)     # slot -> step scalar
 
     @property
     def devices(self) -> list[int]:
@@ -177,6 +192,7 @@ class Plan:
                                 shape=list(p.shape)) for p in self.parameters],
             "programs": {name: {str(dev): [op.to_json() for op in ops] for dev, ops in prog.items()}
                          for name, prog in self.programs.items()},
+            "scalars": [_shallow(s) for s in self.scalars],
         }
 
     @staticmethod
@@ -195,4 +211,5 @@ class Plan:
             inputs=j["inputs"], costs=j["costs"],
             layers=[LayerPlacement(**dict(l, devices=tuple(l["devices"]))) for l in j.get("layers", [])],
             image_shape=tuple(j["image_shape"]), classes=j["classes"],
+            scalars=[StepScalar(**s) for s in j["scalars"]],
         )

@@ -34,6 +34,8 @@ def _describe(op: Op, plan: Plan, resources: dict, rooflines: dict | None = None
         row.update(src=op.src, dst=op.dst, bytes=4 * op.count, src_device=plan.buffers[op.src].device)
     elif op.kind == "upload":
         row.update(input=op.input, cases=[list(c) for c in op.cases], dst=op.dst, bytes=plan.buffers[op.dst].nbytes)
+    elif op.kind == "scalars":
+        row.update(dst=op.dst, bytes=plan.buffers[op.dst].nbytes)
     else:
         row.update(event=op.event)
     return row
@@ -97,6 +99,8 @@ def _op_line(r: dict) -> str:
     if r["op"] == "upload":
         cases = ", ".join(f"{a}..{a + n - 1}" for a, n in r["cases"])
         return f"upload {r['input']} cases {cases} -> {r['dst']}, {r['bytes']:,} B"
+    if r["op"] == "scalars":
+        return f"step scalars -> {r['dst']}, {r['bytes']:,} B"
     return f"{r['op']} {r['event']}"
 
 

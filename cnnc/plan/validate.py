@@ -14,14 +14,14 @@ from numbers import Real
 from typing import Any
 
 from cnnc.ir import Schedule
-from cnnc.ops import OPS, Role
+from cnnc.ops import OPS, SCALAR_DTYPES, SCALARS_ARG
 from cnnc.plan.memory import lifetimes
 from cnnc.plan.schedule import Plan
 
 DIALECT_NAMES = ("cuda", "opencl")
 # launch geometry only the kernels that have such a shape carry (the CPU-shaped OpenCL kernels)
 OPTIONAL_DIALECTS = ("opencl-cpu",)
-OP_KINDS = ("launch", "copy", "upload", "record", "wait")
+OP_KINDS = ("launch", "copy", "upload", "scalars", "record", "wait")
 STREAMS = ("compute", "copy-in")
 COUNTERS = ("seed", "step")          # the executor's named integer scalars
 
@@ -41,7 +41,8 @@ def _is_number(v: Any) -> bool:
 def validate(plan: Plan) -> None:
     """Raise PlanError naming the first inconsistency of `plan`: wrong types, unknown buffers,
     kernels or ops, buffers too small for a launch, copy and upload ranges outside their
-    buffers or the minibatch, empty launch grids, waits for events never recorded."""
+    buffers or the minibatch, empty launch grids, waits for events never recorded, step scalars
+    read before their device's program writes them."""
     _check(_is_int(plan.batch) and plan.batch >= 1, f"batch {plan.batch!r} is not a positive integer")
     _check(isinstance(plan.image_shape, tuple) and len(plan.image_shape) == 3
            and all(_is_int(d) and d >= 1 for d in plan.image_shape), f"image_shape {plan.image_shape!r} is not CxHxW")
@@ -68,6 +69,7 @@ def validate(plan: Plan) -> None:
             for bid in ids:
                 _check(_buffer(plan, bid, where, math.prod(p.shape)).size == math.prod(p.shape),
                        f"{where}: buffer {bid!r} does not hold its {math.prod(p.shape)} values")
+    _check_step_scalars(plan)
     _check(isinstance(plan.programs, dict) and set(plan.programs) == {"train", "test"},
            "programs must be 'train' and 'test'")
     for name, program in plan.programs.items():
@@ -143,12 +145,21 @@ def _check_program(plan: Plan, name: str, program: Any) -> None:
     recorded = {op.event for ops in program.values() for op in ops if op.kind == "record" and isinstance(op.event, str)}
     for dev, ops in program.items():
         _check(_is_int(dev) and dev >= 0, f"program {name!r}: device {dev!r} is not a device number")
+        scalars_written: set[str] = set()
         for i, op in enumerate(ops):
             where = f"{name} program, device {dev}, op {i} ({op.kind})"
             _check(op.kind in OP_KINDS, f"{where}: unknown op kind")
             _check(op.stream in STREAMS, f"{where}: unknown stream {op.stream!r}")
             if op.kind == "launch":
-                _check_launch(plan, op, dev, where)
+                _check_launch(plan, op, dev, where, scalars_written)
+            elif op.kind == "scalars":
+                b = _buffer(plan, op.dst, where, len(plan.scalars), dev)
+                _check(b.role == "scalars" and b.dtype == "i32" and b.size == len(plan.scalars),
+                       f"{where}: buffer {op.dst!r} is not an i32 step-scalar buffer of the table's "
+                       f"{len(plan.scalars)} entries")
+                _check(op.stream == "compute", f"{where}: step scalars are written on the compute stream, "
+                                               f"where the launches that read them run")
+                scalars_written.add(op.dst)
             elif op.kind == "copy":
                 _check(all(_is_int(v) for v in (op.src_offset, op.dst_offset, op.count))
                        and op.src_offset >= 0 and op.dst_offset >= 0 and op.count >= 1,
@@ -170,7 +181,7 @@ def _check_program(plan: Plan, name: str, program: Any) -> None:
                        f"{where}: waits for event {op.event!r} that nothing records")
 
 
-def _check_launch(plan: Plan, op, dev: int, where: str) -> None:
+def _check_launch(plan: Plan, op, dev: int, where: str, scalars_written: set[str]) -> None:
     _check(isinstance(op.kernel, str) and op.kernel in plan.kernels, f"{where}: unknown kernel {op.kernel!r}")
     k = plan.kernels[op.kernel]
     where = f"{where} of {op.kernel}"
@@ -178,24 +189,45 @@ def _check_launch(plan: Plan, op, dev: int, where: str) -> None:
         _check(dialect in k.launch, f"{where}: the kernel has no {dialect} launch geometry")
     spec = OPS[k.op]
     buffer_args = spec.buffers
-    _check(isinstance(op.args, tuple) and len(op.args) == len(buffer_args),
-           f"{where}: {len(op.args)} buffer arguments, {k.op} takes {len(buffer_args)}")
+    _check(isinstance(op.args, tuple) and len(op.args) == len(spec.kernel_args),
+           f"{where}: {len(op.args)} buffer arguments, {k.op} takes {len(spec.kernel_args)}")
     sizes = _sizes(k)
     for arg, bid in zip(buffer_args, op.args):
         b = _buffer(plan, bid, f"{where}, argument {arg}", sizes.get(arg, 1), dev)
         _check(arg not in sizes or arg in spec.windows or b.size == sizes[arg],
                f"{where}, argument {arg}: buffer {bid!r} holds {b.size} elements but the kernel's params "
                f"describe {sizes[arg] if arg in sizes else ''}")
-    _check(isinstance(op.scalars, dict), f"{where}: scalars must be an object")
-    for arg, role in spec.args:
-        if role is Role.SCALAR:
-            v = op.scalars.get(arg)
+    if not spec.step_scalars:
+        return
+    table = op.args[-1]
+    b = _buffer(plan, table, f"{where}, argument {SCALARS_ARG}", 1, dev)
+    _check(b.role == "scalars", f"{where}: argument {SCALARS_ARG} is buffer {table!r}, not a step-scalar buffer")
+    _check(table in scalars_written, f"{where}: reads step scalars from {table!r} before any scalars op of "
+                                     f"this program writes them (each program must begin with one)")
+    _check(op.stream == "compute", f"{where}: reads step scalars on the {op.stream} stream; only the compute "
+                                   f"stream, which writes them, is ordered after their writing")
+    slots = k.params.get("slots", spec.slots({}))
+    _check(isinstance(slots, list) and len(slots) == len(spec.step_scalars)
+           and all(_is_int(s) and 0 <= s < len(plan.scalars) for s in slots),
+           f"{where}: slots {slots!r} are not {len(spec.step_scalars)} entries of the step-scalar table")
+    for (arg, role), slot in zip(spec.step_scalars, slots):
+        _check(plan.scalars[slot].dtype == SCALAR_DTYPES[role],
+               f"{where}: scalar {arg} reads step scalar {slot}, of type {plan.scalars[slot].dtype}, "
+               f"not {SCALAR_DTYPES[role]}")
+
+
+def _check_step_scalars(plan: Plan) -> None:
+    """Each entry of the step-scalar table gives a value of its type at every run."""
+    _check(isinstance(plan.scalars, list), "scalars must be a list")
+    for slot, s in enumerate(plan.scalars):
+        where, v = f"step scalar {slot}", s.source
+        if s.dtype == "f32":
             _check(_is_number(v) or isinstance(v, dict) and _is_schedule(v),
-                   f"{where}: scalar {arg} {v!r} is not a finite number")
-        elif role is Role.INT_SCALAR:
-            v = op.scalars.get(arg)
+                   f"{where}: {v!r} is not a finite number or a schedule")
+        else:
+            _check(s.dtype == "i32", f"{where}: unknown dtype {s.dtype!r}")
             _check(_is_int(v) and -2**31 <= v < 2**32 or v in COUNTERS,
-                   f"{where}: integer scalar {arg} {v!r} is not a 32-bit integer or one of {', '.join(COUNTERS)}")
+                   f"{where}: {v!r} is not a 32-bit integer or one of {', '.join(COUNTERS)}")
 
 
 def _is_schedule(d: dict) -> bool:

@@ -575,10 +575,14 @@ __kernel void __attribute__((reqd_work_group_size(1, 1, 1))) conv1_bwd_filter_n2
 // sgd_update_n18
 // momentum SGD step on 18 values
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n18(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n18(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, __global const int* restrict scalars)
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 18) return;
+    const float lr = as_float(scalars[0]);
+    const float momentum = as_float(scalars[1]);
+    const float weight_decay = as_float(scalars[2]);
+    const float inv_cases = as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
@@ -589,10 +593,14 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n18(__g
 // sgd_update_n2
 // momentum SGD step on 2 values
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n2(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n2(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, __global const int* restrict scalars)
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 2) return;
+    const float lr = as_float(scalars[0]);
+    const float momentum = as_float(scalars[1]);
+    const float weight_decay = as_float(scalars[2]);
+    const float inv_cases = as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
@@ -603,10 +611,14 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n2(__gl
 // sgd_update_n54
 // momentum SGD step on 54 values
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n54(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n54(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, __global const int* restrict scalars)
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 54) return;
+    const float lr = as_float(scalars[0]);
+    const float momentum = as_float(scalars[1]);
+    const float weight_decay = as_float(scalars[2]);
+    const float inv_cases = as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
@@ -617,10 +629,14 @@ __kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n54(__g
 // sgd_update_n3
 // momentum SGD step on 3 values
 // ---------------------------------------------------------------------------
-__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n3(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+__kernel void __attribute__((reqd_work_group_size(64, 1, 1))) sgd_update_n3(__global float* restrict w, __global const float* restrict dw, __global float* restrict inc, __global const int* restrict scalars)
 {
     const int idx = (int)get_group_id(0) * 64 + (int)get_local_id(0);
     if (idx >= 3) return;
+    const float lr = as_float(scalars[0]);
+    const float momentum = as_float(scalars[1]);
+    const float weight_decay = as_float(scalars[2]);
+    const float inv_cases = as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;

@@ -576,10 +576,14 @@ extern "C" __global__ void __launch_bounds__(4) conv1_bwd_filter_n2_c1_k2_3x3(co
 // sgd_update_n18
 // momentum SGD step on 18 values
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) sgd_update_n18(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+extern "C" __global__ void __launch_bounds__(256) sgd_update_n18(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const int* __restrict__ scalars)
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 18) return;
+    const float lr = __int_as_float(scalars[0]);
+    const float momentum = __int_as_float(scalars[1]);
+    const float weight_decay = __int_as_float(scalars[2]);
+    const float inv_cases = __int_as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
@@ -590,10 +594,14 @@ extern "C" __global__ void __launch_bounds__(256) sgd_update_n18(float* __restri
 // sgd_update_n2
 // momentum SGD step on 2 values
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) sgd_update_n2(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+extern "C" __global__ void __launch_bounds__(256) sgd_update_n2(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const int* __restrict__ scalars)
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 2) return;
+    const float lr = __int_as_float(scalars[0]);
+    const float momentum = __int_as_float(scalars[1]);
+    const float weight_decay = __int_as_float(scalars[2]);
+    const float inv_cases = __int_as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
@@ -604,10 +612,14 @@ extern "C" __global__ void __launch_bounds__(256) sgd_update_n2(float* __restric
 // sgd_update_n54
 // momentum SGD step on 54 values
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) sgd_update_n54(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+extern "C" __global__ void __launch_bounds__(256) sgd_update_n54(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const int* __restrict__ scalars)
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 54) return;
+    const float lr = __int_as_float(scalars[0]);
+    const float momentum = __int_as_float(scalars[1]);
+    const float weight_decay = __int_as_float(scalars[2]);
+    const float inv_cases = __int_as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
@@ -618,10 +630,14 @@ extern "C" __global__ void __launch_bounds__(256) sgd_update_n54(float* __restri
 // sgd_update_n3
 // momentum SGD step on 3 values
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(256) sgd_update_n3(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const float lr, const float momentum, const float weight_decay, const float inv_cases)
+extern "C" __global__ void __launch_bounds__(256) sgd_update_n3(float* __restrict__ w, const float* __restrict__ dw, float* __restrict__ inc, const int* __restrict__ scalars)
 {
     const int idx = blockIdx.x * 256 + threadIdx.x;
     if (idx >= 3) return;
+    const float lr = __int_as_float(scalars[0]);
+    const float momentum = __int_as_float(scalars[1]);
+    const float weight_decay = __int_as_float(scalars[2]);
+    const float inv_cases = __int_as_float(scalars[3]);
     const float weight = w[idx];
     const float step = momentum * inc[idx] - lr * (dw[idx] * inv_cases + weight_decay * weight);
     inc[idx] = step;
