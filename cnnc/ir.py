@@ -15,8 +15,14 @@ from cnnc.neurons import Neuron
 
 
 MAX_ELEMENTS = 2**31 - 1
-"""Kernels index buffers with 32-bit integers, so no buffer may hold more elements than
-this, and no integer of the language (a size, a count) may exceed it either."""
+"""Kernels take the language's integers (a size, a count) as 32-bit ints and index within
+one case in 32 bits, so no integer may exceed this, nor may one case of an activation hold
+more elements."""
+
+MAX_BUFFER_ELEMENTS = 2**61 - 1
+"""The most elements a buffer may hold: kernels whose buffers exceed 2^31-1 elements index
+in 64 bits (cnnc.codegen.render.index_type), and a buffer's bytes, 4 per element, must stay
+within a signed 64-bit offset.  Whether it fits a device is checked when a run starts."""
 
 MAX_DEVICE = 255
 """The largest logical device id a placement may name."""

@@ -1,7 +1,10 @@
 """Every generated kernel, run through OpenCL (PoCL on the CPU), equals the reference op.
 
 All cases are rendered into one OpenCL program (one build), then each kernel is
-launched on random data and compared with cnnc.backends.reference_ops.
+launched on random data and compared with cnnc.backends.reference_ops.  Each case
+runs twice: with OpenCL's tiles, and with the CUDA target's tiles (block tiles,
+thread tiles, work-group sizes), which is how the CUDA tiling is executed on a
+machine without an NVIDIA GPU.
 """
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import pytest
 
 from cnnc.backends.reference_ops import REFERENCE_OPS
 from cnnc.check.kinds import conv_out, pool_out
-from cnnc.codegen.dialect import OPENCL
+from cnnc.codegen.dialect import CUDA, DIALECTS, OPENCL, with_tiles_of
 from cnnc.codegen.render import render_source
 from cnnc.neurons import NEURONS, make_neuron
-from cnnc.ops import OPS, Role
+from cnnc.ops import OPS, SCALAR_DTYPES, SCALARS_ARG, Role, scalar_bits
 from cnnc.plan.schedule import Buffer, Kernel
 
 from helpers import stable_seed
@@ -239,11 +242,28 @@ def layer_inputs(k: Kernel, rng, vals: dict) -> None:
             vals["denoms"] = den
 
 
-@pytest.fixture(scope="module")
-def device():
+# whose tiles the OpenCL kernels are rendered with: OpenCL's own, and the CUDA target's
+TILES_OF = {name: with_tiles_of(OPENCL, target) for name, target in DIALECTS.items()}
+
+
+def test_cuda_tiles_launch_as_the_cuda_kernels():
+    """OpenCL with CUDA's tiles launches every case with the grid and block of the CUDA
+    rendering, so the tiling the kernel tests run is the one CUDA builds ship; and it differs
+    from OpenCL's own, so the second run of the cases is not a repeat of the first."""
+    kernels = cases()
+    _, cuda = render_source(kernels, CUDA, "test", "", "CUDA")
+    _, cuda_tiles = render_source(kernels, TILES_OF["cuda"], "test", "", "OpenCL, CUDA's tiles")
+    _, opencl = render_source(kernels, OPENCL, "test", "", "OpenCL")
+    assert cuda_tiles == cuda
+    assert sum(cuda[k.name] != opencl[k.name] for k in kernels) > len(kernels) // 2
+
+
+@pytest.fixture(scope="module", params=sorted(TILES_OF), ids=lambda target: f"{target}-tiles")
+def device(request):
     from cnnc.backends.opencl import OpenCLBackend
     kernels = cases()
-    source, launches = render_source(kernels, OPENCL, "test", "", "kernel equivalence cases")
+    source, launches = render_source(kernels, TILES_OF[request.param], "test", "",
+                                     f"kernel equivalence cases, {request.param} tiles")
     for k in kernels:
         k.launch["opencl"] = launches[k.name]
     return OpenCLBackend({0: source}, [0]), {k.name: k for k in kernels}
@@ -252,8 +272,13 @@ def device():
 @pytest.mark.parametrize("name", [k.name for k in cases()])
 def test_kernel_matches_reference(device, name):
     backend, kernels = device
-    k = kernels[name]
-    rng = np.random.default_rng(stable_seed(name))
+    check_kernel(backend, kernels[name])
+
+
+def check_kernel(backend, k: Kernel) -> None:
+    """Launch kernel `k` on `backend` (any backend: the CUDA tests run these cases too) on random
+    inputs and compare every output with the reference op."""
+    rng = np.random.default_rng(stable_seed(k.name))
     vals = inputs_for(k, rng)
     ref = {n: (v.copy() if isinstance(v, np.ndarray) else v) for n, v in vals.items()}
     REFERENCE_OPS[k.op](k.params, *[ref[n] for n in OPS[k.op].arg_names])
@@ -265,7 +290,15 @@ def test_kernel_matches_reference(device, name):
         buf = Buffer(n, 0, v.size, "i32" if v.dtype == np.int32 else "f32", "test", "")
         handles[n] = (buf, backend.alloc(buf, 0))
         backend.upload(handles[n][1], v)
-    backend.launch(k, 0, [handles[n][1] if n in handles else vals[n] for n in OPS[k.op].arg_names])
+    spec = OPS[k.op]
+    if spec.step_scalars:               # the runtime scalars, at the kernel's slots of a step-scalar buffer
+        table = np.zeros(max(spec.slots(k.params)) + 1, np.int32)
+        for (n, role), slot in zip(spec.step_scalars, spec.slots(k.params)):
+            table[slot] = scalar_bits(vals[n], SCALAR_DTYPES[role])
+        buf = Buffer(SCALARS_ARG, 0, table.size, "i32", "scalars", "")
+        handles[SCALARS_ARG] = (buf, backend.alloc(buf, 0))
+        backend.upload(handles[SCALARS_ARG][1], table)
+    backend.launch(k, 0, [handles[n][1] for n in spec.kernel_args])
     backend.synchronize()
     for n, role in OPS[k.op].args:
         if role in (Role.OUT, Role.INOUT):

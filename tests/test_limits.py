@@ -98,10 +98,11 @@ def net(batch: str = "8", placement: str = "", filters: str = "4", outputs: str 
     (net(placement="@gpu(256)"), 5, 6, "device ids go up to 255"),
     (net(outputs="1000000000000"), 7, 25, "outputs must be at most 2147483647"),
     (net(classes="100000000000000000000"), 3, 21, "label(...) takes at most 2147483647 classes"),
-    (net(batch="128", filters="1000000"), 6, 1,
-     "'conv1' needs 8192000000 elements (128 cases of 1000000x8x8); kernels index with 32 bits (at most 2^31-1)"),
-    (net(batch="2147483647"), 2, 1,
-     "'data' needs 137438953408 elements (2147483647 cases of 1x8x8); kernels index with 32 bits (at most 2^31-1)"),
+    (net(filters="33554432"), 6, 1, "'conv1' needs 2147483648 elements per case (33554432x8x8); kernels index "
+                                    "within a case with 32 bits (at most 2^31-1)"),
+    (net(batch="2147483647", filters="33554431"), 6, 1,
+     "'conv1' needs 4611685878840950848 elements (2147483647 cases of 33554431x8x8); a buffer holds at most "
+     "2^61-1, whose bytes a 64-bit offset reaches"),
 ])
 def test_sizes_that_cannot_run_are_located_errors(tmp_path, text, line, column, message):
     path = write(tmp_path, text)
@@ -110,11 +111,20 @@ def test_sizes_that_cannot_run_are_located_errors(tmp_path, text, line, column, 
 
 
 def test_weights_too_large_to_index_are_a_located_error(tmp_path):
-    path = write(tmp_path, net(batch="1", filters="1000", outputs="100000", classes="100000"))
+    path = write(tmp_path, net(batch="1", filters="33554431", outputs="2147483647", classes="2147483647"))
     err = user_error(cli("compile", path, "-o", tmp_path / "build", "--no-nvcc"))
-    assert err.startswith(f"{path}:7:1: error: 'out' needs a buffer of 6400000000 elements (out.weights); "
-                          "kernels index with 32 bits (at most 2^31-1)\n")
+    assert err.startswith(f"{path}:7:1: error: 'out' needs a buffer of 4611685878840950848 elements (out.weights); "
+                          "a buffer holds at most 2^61-1, whose bytes a 64-bit offset reaches\n")
     assert not (tmp_path / "build" / "plan.json").exists()
+
+
+def test_a_launch_of_more_than_2_31_work_groups_is_a_located_error(tmp_path):
+    """Buffers past 2^31-1 elements compile (their kernels index in 64 bits), but a launch's
+    grid still counts its work-groups in 32 bits."""
+    path = write(tmp_path, net(batch="2147483647"))
+    err = user_error(cli("compile", path, "-o", tmp_path / "build", "--no-nvcc"))
+    assert err.startswith(f"{path}:6:1: error: layer 'conv1' needs 8589934588 work-groups in one launch of its "
+                          "kernel conv1_relu_bwd_n549755813632, more than 2^31-1\n")
 
 
 # -- sources that cannot be read -----------------------------------------------------------

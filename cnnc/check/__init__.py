@@ -15,7 +15,7 @@ from cnnc.check.placement import replication
 from cnnc.check.settings import GLOBAL_SETTINGS, LAYER_SETTINGS, layer_train, read_settings
 from cnnc.diagnostics import CompileError, Diagnostic, Span, did_you_mean, source_lines
 from cnnc.frontend import ast
-from cnnc.ir import MAX_DEVICE, MAX_ELEMENTS, Input, Layer, Network, Shape
+from cnnc.ir import MAX_BUFFER_ELEMENTS, MAX_DEVICE, MAX_ELEMENTS, Input, Layer, Network, Shape
 from cnnc.neurons import NEURONS, make_neuron
 
 
@@ -72,11 +72,15 @@ class _Checker:
         return net
 
     def check_elements(self, name: str, cases: int, shape: Shape, span: Span | None) -> None:
-        """A layer's or input's output buffer must be indexable by the kernels."""
+        """A layer's or input's output buffer must be indexable by the kernels: one case in 32 bits,
+        the whole buffer in 64."""
+        if shape.size > MAX_ELEMENTS:
+            self.fail(f"'{name}' needs {shape.size} elements per case ({shape}); kernels index within a case "
+                      f"with 32 bits (at most 2^31-1)", span, "make the layer smaller")
         n = cases * shape.size
-        if n > MAX_ELEMENTS:
-            self.fail(f"'{name}' needs {n} elements ({cases} cases of {shape}); kernels index with 32 bits "
-                      f"(at most 2^31-1)", span, "make the batch or the layer smaller")
+        if n > MAX_BUFFER_ELEMENTS:
+            self.fail(f"'{name}' needs {n} elements ({cases} cases of {shape}); a buffer holds at most 2^61-1, "
+                      f"whose bytes a 64-bit offset reaches", span, "make the batch or the layer smaller")
 
     def image_input(self, st: ast.ImageInput) -> Input:
         if len(st.dims) != 3 or min(st.dims) < 1:
@@ -239,7 +243,7 @@ class _Checker:
         if typ == "int" and not v.is_int:
             self.fail(f"{what} must be an integer", v.span)
         if typ == "int" and abs(v.value) > MAX_ELEMENTS:
-            self.fail(f"{what} must be at most {MAX_ELEMENTS}", v.span, "kernels index with 32 bits")
+            self.fail(f"{what} must be at most {MAX_ELEMENTS}", v.span, "kernels take sizes and counts as 32-bit integers")
         if minimum is not None and param is not None and param.open_min and v.value <= minimum:
             self.fail(f"{what} must be greater than {minimum:g}", v.span)
         if minimum is not None and v.value < minimum:

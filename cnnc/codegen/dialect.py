@@ -31,6 +31,10 @@ class Dialect:
     float_suffix: str            # single-precision math is C's function name with this suffix
     # floats per OpenCL vector of the CPU-shaped kernels (0: this dialect has none); see opencl_cpu
     vector_width: int = 0
+    # the 64-bit signed integer of kernels that index past 2^31-1 (cnnc.codegen.render.index_type)
+    int64: str = "long long"
+    # reinterprets an int's bits as a float: how kernels read float step scalars
+    int_as_float: str = "__int_as_float"
 
     def math(self, name: str) -> str:
         """This target's single-precision spelling of C math function `name` (exp, fmax, ...):
@@ -40,8 +44,12 @@ class Dialect:
     def local_id(self, dim: int) -> str:
         return f"threadIdx.{'xyz'[dim]}" if self.name == "cuda" else f"(int)get_local_id({dim})"
 
-    def group_id(self, dim: int) -> str:
-        return f"blockIdx.{'xyz'[dim]}" if self.name == "cuda" else f"(int)get_group_id({dim})"
+    def group_id(self, dim: int, type: str = "int") -> str:
+        """The work-group index as a value of `type`, the kernel's index type: cast before any
+        product, since blockIdx * blockDim in unsigned 32 bits wraps past 2^32."""
+        if self.name == "cuda":
+            return f"blockIdx.{'xyz'[dim]}" if type == "int" else f"({type})blockIdx.{'xyz'[dim]}"
+        return f"({type})get_group_id({dim})"
 
     def launch_bounds(self, threads: int) -> str:
         if self.name == "cuda":
@@ -70,6 +78,7 @@ OPENCL = Dialect(
     kernel="__kernel void", global_ptr="__global", restrict="restrict",
     shared="__local", barrier="barrier(CLK_LOCAL_MEM_FENCE);", unroll="#pragma unroll",
     gemm_block=(64, 128, 16), gemm_thread=(8, 16), threads_1d=64, reduce_threads=64, float_suffix="",
+    int64="long", int_as_float="as_float",
 )
 
 DIALECTS = {d.name: d for d in (CUDA, OPENCL)}
@@ -87,3 +96,14 @@ def opencl_cpu(width: int) -> Dialect:
     if width not in CPU_WIDTHS:
         raise ValueError(f"CPU vector width {width}: choose {', '.join(map(str, CPU_WIDTHS))}")
     return replace(OPENCL, name=OPENCL_CPU_NAME, extension="cpu.cl", vector_width=width)
+
+
+# The fields of a dialect that decide launch geometry rather than spelling
+TILING_FIELDS = ("gemm_block", "gemm_thread", "threads_1d", "reduce_threads")
+
+
+def with_tiles_of(dialect: Dialect, target: Dialect) -> Dialect:
+    """`dialect`'s spellings with `target`'s tiling: OpenCL with CUDA's tiles runs the tile
+    configuration of the CUDA kernels on any OpenCL device (PoCL on a CPU), so that tiling is
+    tested on machines without an NVIDIA GPU."""
+    return replace(dialect, **{field: getattr(target, field) for field in TILING_FIELDS})

@@ -7,6 +7,7 @@ kernel, the grid and block a backend must launch it with.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +18,8 @@ from cnnc.codegen.dialect import OPENCL_CPU_NAME, Dialect
 from cnnc.diagnostics import CompileError, Diagnostic, Span, source_lines
 from cnnc.frontend.ast import FLOAT32_MAX
 from cnnc.neurons import Neuron
-from cnnc.ops import INT_BUFFERS, OPS, Role, dropout_threshold, norm_add_scale, param
+from cnnc.ops import (INT_BUFFERS, OPS, SCALAR_DTYPES, SCALARS_ARG, Role, dropout_threshold, norm_add_scale,
+                      param)
 from cnnc.plan.schedule import Kernel
 from cnnc.resources import resource_dir
 
@@ -171,6 +173,43 @@ class _Threads:
     threads: int
 
 
+# --- index width ---------------------------------------------------------------------------
+
+# the largest value of C's 32-bit int: a kernel reaching past it indexes in 64 bits
+INT_MAX = 2**31 - 1
+
+
+def position_reach(k: Kernel, launch: dict, t) -> int:
+    """An upper bound on the positions kernel `k`'s launch walks, which round the last tile or
+    work-group up past the last element: a work-item's index, or a GEMM's row, column and
+    reduction index, each on its own."""
+    if isinstance(t, Tiles):
+        return max(launch["grid"][1] * t.BM, launch["grid"][0] * t.BN, OPS[k.op].gemm(k.params)["K"] + t.BK)
+    if isinstance(t, CpuTiles):
+        return launch["grid"][0] * t.chunk
+    return math.prod(launch["grid"]) * math.prod(launch["block"])
+
+
+def index_reach(k: Kernel, launch: dict, t) -> int:
+    """An upper bound on the indices and offsets kernel `k` forms: its positions, or the elements
+    of its largest buffer (the op record's sizes; offsets are formed only inside the buffers)."""
+    return max(position_reach(k, launch, t), *OPS[k.op].sizes(k.params).values())
+
+
+def index_type(k: Kernel, d: Dialect, launch: dict, t, wide: bool = False) -> str:
+    """The C type of kernel `k`'s indices and offsets: `int`, unless what it reaches exceeds
+    2^31-1 (or `wide` forces it, to test that path on small shapes); then the dialect's 64-bit
+    integer, which only such kernels pay for."""
+    return d.int64 if wide or index_reach(k, launch, t) > INT_MAX else "int"
+
+
+def position_type(k: Kernel, d: Dialect, launch: dict, t) -> str:
+    """The C type of a GEMM's row, column and reduction indices: `int` unless they pass 2^31-1,
+    even where offsets need 64 bits (`index_type`), so the divisions that split them into case,
+    channel and pixel stay 32-bit; the templates widen them where they scale a stride."""
+    return d.int64 if position_reach(k, launch, t) > INT_MAX else "int"
+
+
 # --- the CPU target ----------------------------------------------------------------------
 # On a CPU, PoCL runs a work-group as a loop over its work-items on one thread and keeps values
 # that live across a barrier in memory; its vectoriser gives up on reduction loops.  So the CPU
@@ -271,17 +310,30 @@ def cpu_geometry(k: Kernel, width: int) -> tuple[dict, CpuTiles]:
 # --- rendering -----------------------------------------------------------------------
 
 def signature(op: str, d: Dialect) -> str:
+    """The kernel's parameters: its buffers, then the step-scalar buffer its runtime scalars are in."""
+    roles = dict(OPS[op].args)
     parts = []
-    for name, role in OPS[op].args:
-        if role is Role.SCALAR:
-            parts.append(f"const float {name}")
-        elif role is Role.INT_SCALAR:
-            parts.append(f"const int {name}")
+    for name in OPS[op].kernel_args:
+        if name == SCALARS_ARG:
+            parts.append(f"{d.int_ptr(const=True)}{name}")
         elif name in INT_BUFFERS:
-            parts.append(f"{d.int_ptr(const=role is Role.IN)}{name}")
+            parts.append(f"{d.int_ptr(const=roles[name] is Role.IN)}{name}")
         else:
-            parts.append(f"{d.ptr(const=role is Role.IN)}{name}")
+            parts.append(f"{d.ptr(const=roles[name] is Role.IN)}{name}")
     return ", ".join(parts)
+
+
+def read_step_scalars(k: Kernel, d: Dialect) -> str:
+    """Declarations of kernel `k`'s runtime scalars, each read from its slot of the step-scalar
+    buffer (slots are plan-time constants, so a launch's arguments never change)."""
+    spec = OPS[k.op]
+    reads = []
+    for (name, role), slot in zip(spec.step_scalars, spec.slots(k.params)):
+        if SCALAR_DTYPES[role] == "f32":
+            reads.append(f"const float {name} = {d.int_as_float}({SCALARS_ARG}[{slot}]);")
+        else:
+            reads.append(f"const int {name} = {SCALARS_ARG}[{slot}];")
+    return "\n    ".join(reads)
 
 
 def _split_k_note(g: dict) -> list[str]:
@@ -290,12 +342,18 @@ def _split_k_note(g: dict) -> list[str]:
     return [f"split-K: grid z = {g['split']} slices of {g['split_k']} of the reduction, each writing its own partial sum"]
 
 
-def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") -> tuple[str, dict]:
-    """The source of one kernel in one dialect, and its launch geometry."""
+def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "",
+                  wide_index: bool = False) -> tuple[str, dict]:
+    """The source of one kernel in one dialect, and its launch geometry; `wide_index` gives it
+    64-bit indices and offsets whatever its size (`index_type`)."""
     if not _IDENTIFIER.fullmatch(k.name):      # layer names are identifiers, and so are the planner's tags
         raise ValueError(f"kernel name {k.name!r} is not a C identifier")
     cpu = bool(d.vector_width) and cpu_kernel(k, d.vector_width)
     launch, t = cpu_geometry(k, d.vector_width) if cpu else geometry(k, d)
+    if max(launch["grid"]) > INT_MAX:      # 64-bit indices reach further than a launch's grid
+        raise CompileError(Diagnostic(f"layer '{k.layer}' needs {max(launch['grid'])} work-groups in one launch "
+                                      f"of its kernel {k.name}, more than 2^31-1", file,
+                                      Span.point(k.line, 1) if k.line else None, "make the batch or the layer smaller"))
     notes = []
     spec = OPS[k.op]
     if cpu:
@@ -316,9 +374,16 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
             notes.append(f"{g['batch']} independent GEMMs, one per {what} (grid z)")
     else:
         g = {}
+    index = index_type(k, d, launch, t, wide_index)
+    if index != "int":
+        reach = index_reach(k, launch, t)
+        notes.append(f"64-bit indices: it reaches {reach} elements" + ("" if reach > INT_MAX else " (forced)"))
     neuron = Neuron.from_json(k.params.get("neuron"))
     ctx = dict(
         k=k, p=_Params(k.params), d=d, t=t, g=_Params(g), signature=signature(k.op, d), notes=notes,
+        # as_index(v): v converted to the index type (or to `type`) before it meets a product
+        index_type=index, as_index=lambda v, type=index: str(v) if type == "int" else f"({type}){v}",
+        position_type=position_type(k, d, launch, t),
         file=file, source_line=source_line, lit=lit,
         neuron_fwd=lambda var: neuron_expr(neuron, neuron.kind.forward_c, var, "x", d),
         neuron_grad=lambda var: neuron_expr(neuron, neuron.kind.grad_c, var, "y", d),
@@ -329,6 +394,7 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "") 
         summed=k.params.get("accumulate", False) or not k.params.get("bias", True),
         summed_pre=lambda old, bias: summed_pre(k.params, old, bias),
         global_case=lambda var: global_case(k.params, var),
+        step_scalars=read_step_scalars(k, d),
     )
     try:
         template = _CPU_TEMPLATES.get(k.op, "cpu_gemm.j2") if cpu else f"{spec.family}.j2"
@@ -350,8 +416,10 @@ class _Params(dict):
             raise AttributeError(name) from None
 
 
-def render_source(kernels: list[Kernel], d: Dialect, file: str, source: str, title: str) -> tuple[str, dict]:
-    """A whole translation unit (prelude + kernels) and each kernel's launch geometry."""
+def render_source(kernels: list[Kernel], d: Dialect, file: str, source: str, title: str,
+                  wide_index: bool = False) -> tuple[str, dict]:
+    """A whole translation unit (prelude + kernels) and each kernel's launch geometry; `wide_index`
+    gives every kernel 64-bit indices and offsets (tests run that code on small shapes)."""
     lines = source_lines(source)
     prelude = (resource_dir("runtime") / d.prelude).read_text()
     chunks = [f"// {comment_text(title)}\n// Generated by cnnc from {comment_text(file)}; "
@@ -359,7 +427,7 @@ def render_source(kernels: list[Kernel], d: Dialect, file: str, source: str, tit
     launches = {}
     for k in kernels:
         line = lines[k.line - 1].strip() if 0 < k.line <= len(lines) else ""
-        text, launch = render_kernel(k, d, file, line)
+        text, launch = render_kernel(k, d, file, line, wide_index)
         chunks.append(text)
         launches[k.name] = launch
     return "\n".join(chunks), launches

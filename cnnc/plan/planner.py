@@ -22,6 +22,7 @@ events wherever an op depends on another device's earlier op.
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -30,8 +31,9 @@ from cnnc.check.placement import replication
 from cnnc.plan import lowering
 from cnnc.plan.memory import assign_storage
 from cnnc.diagnostics import CompileError, Diagnostic
-from cnnc.ir import MAX_ELEMENTS, Input, Layer, Network
-from cnnc.plan.schedule import Buffer, Kernel, LayerPlacement, Op, Parameter, Plan
+from cnnc.ir import MAX_BUFFER_ELEMENTS, Input, Layer, Network
+from cnnc.ops import OPS, SCALAR_DTYPES
+from cnnc.plan.schedule import Buffer, Kernel, LayerPlacement, Op, Parameter, Plan, StepScalar
 
 
 @dataclass
@@ -55,6 +57,9 @@ class _Planner:
         self.mirrors: set[tuple[str, int]] = set()
         self.phase = "forward"
         self.pass_ = 0
+        self.step_scalars: list[StepScalar] = []        # the plan's step-scalar table, by slot
+        self.slot_of: dict[tuple, int] = {}
+        self.scalar_buffers: dict[int, str] = {}        # device -> its step-scalar buffer, if it reads one
         self.analyse_replicas()
 
     # -- replicas, shares, passes ---------------------------------------------
@@ -130,10 +135,11 @@ class _Planner:
     def buffer(self, id: str, device: int, size: int, role: str, layer: str, dtype: str = "f32") -> str:
         old = self.buffers.get(id)
         if old is None:
-            if size > MAX_ELEMENTS:         # weights, scratch: the checker has bounded the activations
+            if size > MAX_BUFFER_ELEMENTS:  # weights, scratch: the checker has bounded the activations
                 span = self.net.node(layer).span if layer else None
-                raise CompileError(Diagnostic(f"'{layer or id}' needs a buffer of {size} elements ({id}); kernels "
-                                              f"index with 32 bits (at most 2^31-1)", self.net.file, span,
+                raise CompileError(Diagnostic(f"'{layer or id}' needs a buffer of {size} elements ({id}); a buffer "
+                                              f"holds at most 2^61-1, whose bytes a 64-bit offset reaches",
+                                              self.net.file, span,
                                               "make the layer smaller"), self.net.source)
             self.buffers[id] = Buffer(id, device, size, dtype, role, layer)
         else:
@@ -166,9 +172,41 @@ class _Planner:
         assert old.params == params, f"kernel name clash: {name}"
         return name
 
-    def launch(self, device: int, kernel: str, args: tuple[str, ...], writes: tuple[str, ...], **scalars) -> None:
-        self.emit(device, Op("launch", kernel=kernel, args=args, scalars=scalars, phase=self.phase,
-                             pass_=self.pass_), writes)
+    def launch(self, device: int, kernel: str, args: tuple[str, ...], writes: tuple[str, ...]) -> None:
+        self.emit(device, Op("launch", kernel=kernel, args=args, phase=self.phase, pass_=self.pass_), writes)
+
+    # -- runtime scalars ---------------------------------------------------------
+    def with_slots(self, name: str, op: str, params: dict, scalars: dict) -> tuple[str, dict]:
+        """The kernel (name, params) that reads an op's runtime scalars at their slots of the
+        step-scalar table.  Slots other than 0, 1, ... go into the params and the name, so
+        launches that share a kernel read the same slots on every device."""
+        spec = OPS[op]
+        slots = [self.scalar_slot(scalars[a], SCALAR_DTYPES[role]) for a, role in spec.step_scalars]
+        if slots == spec.slots({}):
+            return name, params
+        return f"{name}_s{'_'.join(map(str, slots))}", dict(params, slots=slots)
+
+    def scalar_slot(self, source, dtype: str) -> int:
+        """The table slot of a runtime scalar (a number, a schedule dict or a counter name):
+        one per distinct value source and type, so launches with the same optimiser settings
+        share theirs."""
+        key = (dtype, json.dumps(source, sort_keys=True) if isinstance(source, (dict, str))
+               else float(source) if dtype == "f32" else int(source))
+        if key not in self.slot_of:
+            self.slot_of[key] = len(self.step_scalars)
+            self.step_scalars.append(StepScalar(source, dtype))
+        return self.slot_of[key]
+
+    def scalars_buffer(self, device: int) -> str:
+        """The id of the device's step-scalar buffer (allocated once the table is complete)."""
+        return self.scalar_buffers.setdefault(device, f"scalars{self.tag(None, device)}")
+
+    def write_step_scalars(self, program: dict[int, list[Op]]) -> None:
+        """Begin each device's program that reads its step-scalar buffer with the op that writes it."""
+        for dev, ops in program.items():
+            buf = self.scalar_buffers.get(dev)
+            if any(op.kind == "launch" and buf in op.args for op in ops):
+                ops.insert(0, Op("scalars", dst=buf, phase="forward"))
 
     def copy(self, src: str, dst: str, count: int, src_offset: int = 0, dst_offset: int = 0) -> None:
         device = self.buffers[dst].device
@@ -419,7 +457,10 @@ class _Planner:
         mine = self.params_of[l.name]
 
         def emit(name, op, params, args, writes, summary, **scalars):
-            self.launch(d, self.kernel(name, op, params, l, summary), args, writes, **scalars)
+            if scalars:
+                name, params = self.with_slots(name, op, params, scalars)
+                args = args + (self.scalars_buffer(d),)
+            self.launch(d, self.kernel(name, op, params, l, summary), args, writes)
         def alloc(what: str, size: int, dtype: str = "f32") -> str:
             return self.buffer(self.own(l, what, j) + self.slot(l), d, size, "scratch", l.name, dtype)
         out = self.out(l, j) if not KINDS[l.kind].is_cost else ""
@@ -508,10 +549,12 @@ class _Planner:
             self.allreduce(l, q)
             self.phase = "update"
             n = self.buffers[q.buffers[0]].size
-            k = self.kernel(f"sgd_update_n{n}", "sgd_update", dict(n=n), None, f"momentum SGD step on {n} values")
+            name, params = self.with_slots(f"sgd_update_n{n}", "sgd_update", dict(n=n), dict(
+                lr=lr.to_json(), momentum=mom, weight_decay=wd, inv_cases=1.0 / cases))
+            k = self.kernel(name, "sgd_update", params, None, f"momentum SGD step on {n} values")
             for j, d in enumerate(l.gpus):
-                self.launch(d, k, (q.buffers[j], q.grads[j], q.incs[j]), (q.buffers[j], q.incs[j]),
-                            lr=lr.to_json(), momentum=mom, weight_decay=wd, inv_cases=1.0 / cases)
+                self.launch(d, k, (q.buffers[j], q.grads[j], q.incs[j], self.scalars_buffer(d)),
+                            (q.buffers[j], q.incs[j]))
             if t.wball > 0 and q.name != "biases":
                 layout = lowering.unit_layout(l, q.shape)
                 k = self.kernel(f"{l.name}_{q.name.replace('.', '_')}_max_norm_u{layout['units']}", "max_norm",
@@ -564,6 +607,10 @@ class _Planner:
         net = self.net
         train = split_by_device(train_steps)
         test = split_by_device(test_steps)
+        for d, buf in sorted(self.scalar_buffers.items()):
+            self.buffer(buf, d, len(self.step_scalars), "scalars", "", "i32")
+        self.write_step_scalars(train)
+        self.write_step_scalars(test)
         costs = []
         for l in net.layers:
             if KINDS[l.kind].is_cost:
@@ -582,7 +629,7 @@ class _Planner:
         plan = Plan(net.name, net.batch, net.epochs, net.seed, self.S, self.buffers, self.kernels, self.params,
                     {"train": train, "test": test}, {i.name: i.kind for i in net.inputs}, costs, placements,
                     (image.shape.channels, image.shape.height, image.shape.width),
-                    labels.classes if labels else 0)
+                    labels.classes if labels else 0, self.step_scalars)
         assign_storage(plan)
         return plan
 
