@@ -5,19 +5,21 @@ every backend and every placement starts from the same numbers), and runs a
 program: each logical device's ops in order, switching to another device
 whenever one waits for an event not yet recorded.  Backends that execute
 asynchronously get the record/wait calls too and turn them into real events.
+Which queue of ops advances next is a pluggable order (`InOrder` by default;
+cnnc.race runs each stream as its own queue, in a random order the events permit).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
 from cnnc.backends.base import Backend, BackendError
 from cnnc.distributed import Transport, owned_devices
 from cnnc.ir import Schedule
-from cnnc.ops import OPS, Role
-from cnnc.plan.schedule import Buffer, Op, Plan
+from cnnc.ops import OPS, scalar_bits
+from cnnc.plan.schedule import Buffer, Op, Plan, StepScalar
 
 
 class ExecutionError(Exception):
@@ -70,15 +72,43 @@ def check_memory(backend: Backend, storages: list[Buffer]) -> None:
                                f"the device has {_bytes(memory.total)}")
 
 
+class InOrder:
+    """The order every backend issues a program in: each device's ops as the plan lists them,
+    moving on to the next device (cyclically) only when one waits for an event not yet
+    recorded.  A device's streams are issued interleaved; cuda and opencl then run them
+    concurrently as the events allow."""
+
+    def queue(self, device: int, op: Op) -> Hashable:
+        """The in-order queue `op` belongs to: the ops of one queue run in program order."""
+        return device
+
+    def choose(self, ready: Callable[[int], bool], count: int, last: int) -> int | None:
+        """Which of the `count` queues runs its next op (None: none is ready, a deadlock):
+        the last one again while it can."""
+        for k in range(count):
+            if ready((last + k) % count):
+                return (last + k) % count
+        return None
+
+    def begin(self, program: str) -> None:
+        """A run of `program` starts (for orders that watch what runs)."""
+
+    def issue(self, device: int, index: int, op: Op) -> None:
+        """`op`, op `index` of `device`'s program, runs next (for orders that watch what runs)."""
+
+
 class Executor:
     """Runs a plan's programs; with a `transport`, only the logical devices this rank owns,
     and every host-side answer (costs, parameters, flags) is the same on every rank."""
 
     def __init__(self, plan: Plan, backend: Backend, parameters: dict[str, np.ndarray] | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, order: InOrder | None = None):
         self.plan = plan
         self.backend = backend
         self.transport = transport
+        # a backend that models concurrent streams itself (cnnc.race) brings the order they run in
+        self.order = order or backend.stream_order or InOrder()
+        self._queues: dict[str, tuple[InOrder, list[Hashable], list[list[tuple[int, int, Op]]]]] = {}
         devices = plan.devices
         self.owner = {d: 0 for d in devices}
         if transport is not None:
@@ -90,6 +120,7 @@ class Executor:
         self.handles = self._allocate()
         self.host: dict[str, np.ndarray] = {}
         self.counters: dict[str, int] = {"seed": plan.seed, "step": 0}   # named integer scalars
+        self._step_scalars: tuple = (None, None)        # (what they were evaluated at, values)
         self.set_parameters(parameters if parameters is not None else initial_parameters(plan))
 
     def _allocate(self) -> dict:
@@ -195,22 +226,30 @@ class Executor:
 
     # -- running ------------------------------------------------------------------
     def buffer_args(self, op: Op) -> dict[str, str]:
-        """A launch's buffer arguments by the op's argument name (its scalars are not in op.args)."""
+        """A launch's buffer arguments by the op's argument name (without the step-scalar buffer
+        that follows them in op.args for ops with runtime scalars)."""
         return dict(zip(OPS[self.plan.kernels[op.kernel].op].buffers, op.args))
 
-    def _launch_args(self, op: Op, progress: float) -> list[Any]:
-        kernel = self.plan.kernels[op.kernel]
-        args, buffers = [], iter(op.args)
-        for name, role in OPS[kernel.op].args:
-            if role is Role.SCALAR:
-                v = op.scalars[name]
-                args.append(Schedule.from_json(v).at(progress) if isinstance(v, dict) else float(v))
-            elif role is Role.INT_SCALAR:
-                args.append(np.int32(self.counters.get(op.scalars[name], op.scalars[name])
-                                     if isinstance(op.scalars[name], str) else op.scalars[name]))
-            else:
-                args.append(self.handles[next(buffers)])
-        return args
+    def _launch_args(self, op: Op) -> list[Any]:
+        """Buffer handles only, the same at every step: runtime scalars reach the kernels
+        through the step-scalar buffer that the `scalars` op writes."""
+        return [self.handles[b] for b in op.args]
+
+    def step_scalars(self, progress: float) -> np.ndarray:
+        """The plan's step-scalar table evaluated for a run at `progress` with the counters as
+        they are now, as the int32 entries the devices' buffers hold.  Evaluated once per run
+        (every device's `scalars` op uploads the same array), and a new array each time, never
+        changed later, so an asynchronous upload of it can still be in flight."""
+        key = (progress, tuple(sorted(self.counters.items())))
+        if self._step_scalars[0] != key:
+            values = [scalar_bits(self._scalar_value(s, progress), s.dtype) for s in self.plan.scalars]
+            self._step_scalars = (key, np.array(values, np.int32))
+        return self._step_scalars[1]
+
+    def _scalar_value(self, s: StepScalar, progress: float):
+        if isinstance(s.source, dict):
+            return Schedule.from_json(s.source).at(progress)
+        return self.counters[s.source] if isinstance(s.source, str) else s.source
 
     def _execute(self, device: int, op: Op, progress: float, recorders: dict[str, int]) -> None:
         b = self.backend
@@ -223,7 +262,9 @@ class Executor:
         elif op.kind == "wait" and recorders[op.event] not in self.local:
             pass                            # the message carrying the data is the synchronisation
         elif op.kind == "launch":
-            b.launch(self.plan.kernels[op.kernel], device, self._launch_args(op, progress), op.stream)
+            b.launch(self.plan.kernels[op.kernel], device, self._launch_args(op), op.stream)
+        elif op.kind == "scalars":
+            b.upload(self.handles[op.dst], self.step_scalars(progress), op.stream)
         elif op.kind == "copy":
             src = self.plan.buffers[op.src]
             b.copy(self.handles[op.src], src.device, op.src_offset, self.handles[op.dst], device, op.dst_offset,
@@ -255,41 +296,60 @@ class Executor:
         self.backend.upload(self.handles[op.dst], dst, op.stream)
 
     def run(self, program: str, progress: float = 0.0, timer=None) -> None:
-        """Run one program: every device's ops in order, honouring cross-device events.
+        """Run one program: the ops of each of the order's queues in program order, honouring
+        events (a wait runs only once its event is recorded in this run).
 
         With `timer(device, op, seconds)`, every op is timed on its own (the backend is
         synchronised around it), which is what `cnnc bench` uses for per-layer numbers."""
         programs = self.plan.programs[program]
+        self.backend.begin_run()
         if program not in self._recorders:
             self._recorders[program] = {op.event: d for d, ops in programs.items() for op in ops
                                         if op.kind == "record"}
         recorders = self._recorders[program]
-        position = {d: 0 for d in programs}
+        order = self.order
+        keys, queues = self._split(program, order)
+        head = [0] * len(queues)
         recorded: set[str] = set()
-        remaining = sum(len(ops) for ops in programs.values())
-        while remaining:
-            progressed = False
-            for dev, ops in programs.items():
-                while position[dev] < len(ops):
-                    op = ops[position[dev]]
-                    if op.kind == "wait" and op.event not in recorded:
-                        break
-                    if timer is None or dev not in self.local:
-                        self._execute(dev, op, progress, recorders)
-                    else:
-                        self.backend.synchronize()
-                        t0 = time.perf_counter()
-                        self._execute(dev, op, progress, recorders)
-                        self.backend.synchronize()
-                        timer(dev, op, time.perf_counter() - t0)
-                    if op.kind == "record":
-                        recorded.add(op.event)
-                    position[dev] += 1
-                    remaining -= 1
-                    progressed = True
-            if not progressed:
-                stuck = {d: ops[position[d]].event for d, ops in programs.items() if position[d] < len(ops)}
+
+        def ready(q: int) -> bool:
+            if head[q] == len(queues[q]):
+                return False
+            op = queues[q][head[q]][2]
+            return op.kind != "wait" or op.event in recorded
+
+        order.begin(program)
+        current = 0
+        for _ in range(sum(len(ops) for ops in queues)):
+            current = order.choose(ready, len(queues), current)
+            if current is None:
+                stuck = {keys[q]: ops[head[q]][2].event for q, ops in enumerate(queues) if head[q] < len(ops)}
                 raise ExecutionError(f"program '{program}' deadlocks: devices wait for {stuck}")
+            dev, index, op = queues[current][head[current]]
+            head[current] += 1
+            order.issue(dev, index, op)
+            if timer is None or dev not in self.local:
+                self._execute(dev, op, progress, recorders)
+            else:
+                self.backend.synchronize()
+                t0 = time.perf_counter()
+                self._execute(dev, op, progress, recorders)
+                self.backend.synchronize()
+                timer(dev, op, time.perf_counter() - t0)
+            if op.kind == "record":
+                recorded.add(op.event)
+
+    def _split(self, program: str, order: InOrder) -> tuple[list[Hashable], list[list[tuple[int, int, Op]]]]:
+        """The program cut into the order's queues of (device, index in its program, op), each
+        in program order, and the queues' keys; kept per program while the order stays."""
+        cached = self._queues.get(program)
+        if cached is None or cached[0] is not order:
+            queues: dict[Hashable, list[tuple[int, int, Op]]] = {}
+            for dev, ops in self.plan.programs[program].items():
+                for index, op in enumerate(ops):
+                    queues.setdefault(order.queue(dev, op), []).append((dev, index, op))
+            cached = self._queues[program] = (order, list(queues), list(queues.values()))
+        return cached[1], cached[2]
 
     def load_batch(self, x: np.ndarray, y: np.ndarray) -> None:
         """Host-side minibatch; `upload` ops copy each device's share from here."""
@@ -298,7 +358,6 @@ class Executor:
 
     def cost_outputs(self, cost: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Per-case loss and correctness of cost layer `cost` (the first by default), in minibatch order."""
-        self.backend.synchronize()
         loss, correct = np.zeros(self.plan.batch, np.float32), np.zeros(self.plan.batch, np.float32)
         outputs = [(out["cases"], self.read(out["loss"]), self.read(out["correct"]))
                    for out in self.plan.costs[cost]["outputs"] if self._is_local(out["loss"])]

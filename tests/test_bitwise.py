@@ -18,7 +18,7 @@ def assert_bitwise(a, b):
         assert pa[name].tobytes() == pb[name].tobytes(), name
 
 
-@pytest.mark.parametrize("backend", ["reference", "opencl"])
+@pytest.mark.parametrize("backend", ["reference", "opencl", "race"])
 def test_model_parallel_equals_single_device_bitwise(backend, tmp_path):
     """Every layer on one device, activations and gradients copied: no sum changes order."""
     single = train(source({}), backend, 3, tmp_path)

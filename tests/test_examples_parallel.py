@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnc.backends import make_backend
 from cnnc.build import compile_file, compile_network
 from cnnc.executor import Executor
 from cnnc.plan.summary import summarize
 
 from helpers import replace_once, stable_seed
+from test_parallel import backend_for
 
 ROOT = Path(__file__).parent.parent
 NETS = Path(__file__).parent / "nets"
@@ -31,7 +31,7 @@ def train(text: str, backend: str, steps: int, tmp: Path):
     out = tmp / f"b{stable_seed(text, backend)}"
     plan = compile_network(text, "net.cnn", out, use_nvcc=False).plan
     n = max(plan.devices) + 1
-    ex = Executor(plan, make_backend(backend, plan, out, [0] * n if backend == "opencl" else list(range(n))))
+    ex = Executor(plan, backend_for(backend, plan, out, [0] * n if backend == "opencl" else range(n)))
     rng = np.random.default_rng(7)
     losses = []
     for i in range(steps):
@@ -58,10 +58,25 @@ def test_small_example_equals_single_device_on_reference(net, steps, tmp_path):
     assert_same(train(single_device(text), "reference", steps, tmp_path), train(text, "reference", steps, tmp_path))
 
 
+@pytest.mark.parametrize("net", SMALL + ["all_gather", "scatter"], ids=lambda n: getattr(n, "stem", n))
+def test_small_example_is_race_free_and_unchanged_in_random_stream_order(net, tmp_path):
+    """Each stream its own queue, run in a random order the events permit, every access checked
+    (backend "race"): the same bits as the in-order run.  Strings: the hybrid example's other
+    exchange schemes."""
+    text = other_scheme(net) if isinstance(net, str) else net.read_text()
+    a, b = train(text, "reference", 2, tmp_path), train(text, "race", 2, tmp_path)
+    assert a[0].tobytes() == b[0].tobytes()
+    assert all(a[1][k].tobytes() == v.tobytes() for k, v in b[1].items())
+
+
+def other_scheme(scheme: str) -> str:
+    return replace_once((NETS / "alexnet-4gpu-hybrid-small.cnn").read_text(), "seed = 3 }",
+                        f"seed = 3; exchange = {scheme} }}")
+
+
 @pytest.mark.parametrize("scheme", ["all_gather", "scatter"])
 def test_small_hybrid_other_exchange_schemes(scheme, tmp_path):
-    text = replace_once((NETS / "alexnet-4gpu-hybrid-small.cnn").read_text(), "seed = 3 }",
-                        f"seed = 3; exchange = {scheme} }}")
+    text = other_scheme(scheme)
     assert_same(train(single_device(text), "reference", 2, tmp_path), train(text, "reference", 2, tmp_path))
 
 

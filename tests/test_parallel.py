@@ -13,6 +13,7 @@ from cnnc.build import compile_network
 from cnnc.diagnostics import CompileError
 from cnnc.executor import Executor, initial_parameters
 from cnnc.plan.summary import summarize
+from cnnc.race import RaceChecker
 
 from helpers import replace_once, stable_seed
 
@@ -41,6 +42,15 @@ PLACEMENTS = {
 }
 
 
+# backend "race": the reference backend with each stream its own queue, run in this seed's random
+# order of those the plan's events permit, every access checked against the events (cnnc.race)
+RACE_SEED = 1
+
+
+def backend_for(name: str, plan, out: Path, gpus):
+    return RaceChecker(plan, RACE_SEED) if name == "race" else make_backend(name, plan, out, list(gpus))
+
+
 def source(placement: dict, period: int = 0) -> str:
     fields = {k: "" for k in ("conv1", "pool1", "fc2", "fc3", "probs")}
     fields.update({k: v + " " for k, v in placement.items()})
@@ -58,7 +68,7 @@ def train(src: str, backend: str, steps: int, tmp: Path, gpus=None):
     plan = compile_network(src, "par.cnn", out, use_nvcc=False).plan
     if gpus is None:                 # the OpenCL device (PoCL) is one device: logical devices share it
         gpus = [0] * 4 if backend == "opencl" else [0, 1, 2, 3]
-    ex = Executor(plan, make_backend(backend, plan, out, list(gpus)))
+    ex = Executor(plan, backend_for(backend, plan, out, gpus))
     losses = [ex.train_step(x, y, i / steps)[0] for i, (x, y) in enumerate(batches(steps))]
     return np.concatenate(losses), ex.parameters(), ex.replica_parameters(), plan
 
@@ -80,10 +90,11 @@ def single_reference(tmp_path_factory):
     return {steps: train(source({}), "reference", steps, tmp) for steps in (1, 3)}
 
 
+@pytest.mark.parametrize("backend", ["reference", "race"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("name", [n for n in PLACEMENTS if n != "single"])
-def test_placement_equals_single_device_on_reference(name, steps, single_reference, tmp_path):
-    assert_same_training(single_reference[steps], train(source(PLACEMENTS[name]), "reference", steps, tmp_path))
+def test_placement_equals_single_device_on_reference(name, steps, backend, single_reference, tmp_path):
+    assert_same_training(single_reference[steps], train(source(PLACEMENTS[name]), backend, steps, tmp_path))
 
 
 @pytest.mark.parametrize("name", ["data-2", "model", "hybrid-4-to-1", "hybrid-4-to-2"])
@@ -217,9 +228,10 @@ def pipelined(settings: str, placement: dict) -> str:
     return replace_once(source(placement), "init_w = 0.1 }", f"init_w = 0.1; {settings} }}")
 
 
+@pytest.mark.parametrize("backend", ["reference", "race"])
 @pytest.mark.parametrize("name", list(PIPE))
-def test_pipeline_equals_single_device_on_reference(name, single_reference, tmp_path):
-    assert_same_training(single_reference[3], train(pipelined(*PIPE[name]), "reference", 3, tmp_path))
+def test_pipeline_equals_single_device_on_reference(name, backend, single_reference, tmp_path):
+    assert_same_training(single_reference[3], train(pipelined(*PIPE[name]), backend, 3, tmp_path))
 
 
 def test_pipeline_equals_single_device_on_opencl(single_reference, tmp_path):
@@ -269,8 +281,9 @@ def test_pipeline_restrictions(settings, placement, message, tmp_path):
 
 # ---------------------------------------------------------------- exchange schemes
 
+@pytest.mark.parametrize("backend", ["reference", "race"])
 @pytest.mark.parametrize("scheme", ["all_gather", "round_robin", "scatter"])
-def test_exchange_schemes_equal_single_device(scheme, tmp_path):
+def test_exchange_schemes_equal_single_device(scheme, backend, tmp_path):
     """Krizhevsky's three ways to feed the fc part of a hybrid net; with the whole minibatch
     accumulated per update, all equal the single-device step."""
     def src(placement):
@@ -280,7 +293,7 @@ def test_exchange_schemes_equal_single_device(scheme, tmp_path):
     def train16(text, backend):
         out = tmp_path / f"b{stable_seed(text)}"
         plan = compile_network(text, "par.cnn", out, use_nvcc=False).plan
-        ex = Executor(plan, make_backend(backend, plan, out, [0, 0, 0, 0]))
+        ex = Executor(plan, backend_for(backend, plan, out, [0, 0, 0, 0]))
         rng = np.random.default_rng(1)
         losses = []
         for i in range(2):
@@ -291,7 +304,7 @@ def test_exchange_schemes_equal_single_device(scheme, tmp_path):
 
     single = train16(src({}), "reference")
     for placement in ({"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(1)"}, {"conv1": "@gpu(0,1,2,3)", "fc2": "@gpu(0,1)"}):
-        hybrid = train16(src(placement), "reference")
+        hybrid = train16(src(placement), backend)
         assert_same_training(single, hybrid)
         layers = {l.layer: l for l in hybrid[3].layers}
         assert layers["fc2"].passes == (1 if scheme == "all_gather" else 4 // len(layers["fc2"].devices))

@@ -51,6 +51,9 @@ class DeviceMemory:
 
 class Backend(ABC):
     name: str = "?"
+    # the order the executor issues ops in, for a backend that models concurrent streams
+    # itself (cnnc.race); None: the executor's usual order
+    stream_order = None
 
     def memory(self, device: int) -> DeviceMemory | None:
         """The memory of the device logical device `device` runs on; None: no known limit."""
