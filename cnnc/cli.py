@@ -238,7 +238,8 @@ def compile(source: Path, out_dir: Path, archs, no_nvcc: bool, force: bool, para
     click.echo("  " + " ".join(p.name for p in result.files))
     click.echo(f"  stages: {timing}")
     if not result.nvcc and not no_nvcc:
-        click.echo("  nvcc not found: wrote .cu sources without cubins (the cuda backend JIT-compiles them)")
+        click.echo("  nvcc not found: wrote .cu sources without cubins or PTX (the cuda backend then needs nvcc "
+                   "where it runs; compile where nvcc is to ship cubins and PTX)")
     if imported is not None:
         click.echo(f"  imported from {source} and {params} as {out_dir / 'source.cnn'}")
 
@@ -373,6 +374,15 @@ def _gpus(ctx, param, value: str | None) -> list[int] | None:
     return ids
 
 
+def _stream_order(ctx, param, value: str) -> int | None:
+    """--stream-order: None for in-order, else the seed of the random order."""
+    from cnnc.race import parse_stream_order
+    try:
+        return parse_stream_order(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
+
+
 def _default_gpus(plan, gpus: list[int] | None) -> list[int]:
     """Without --gpus, every logical device of the plan runs on physical device 0."""
     if gpus is not None:
@@ -435,6 +445,11 @@ def _default_gpus(plan, gpus: list[int] | None) -> list[int]:
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"Write {TRACE_STEPS} training steps, after {TRACE_WARMUP} warm-up steps, as Chrome "
                    "trace-event JSON (as cnnc simulate --trace); each op is timed on its own.")
+@click.option("--stream-order", default="in-order", show_default=True, callback=_stream_order,
+              metavar="in-order|random[:SEED]",
+              help="random: run each stream of each device as its own queue, in a random order (seeded, "
+                   "default 0) that the plan's events permit, and stop at the first pair of accesses they "
+                   "leave unordered (the reference backend only).")
 @abort_on_failure
 @_guard
 @_holding_build
@@ -442,7 +457,8 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
         save_dir: Path | None, test_freq: int, init: Path | None, steps: int | None, no_test: bool,
         test_only: bool, save_freq: int, keep: int, resume: Path | None, quiet: bool,
         resize: int | None, test_split: float | None, cache_dir: Path | None, comm_timeout: float | None,
-        trace_file: Path | None, color_noise: float | None, multiview_test: bool) -> None:
+        trace_file: Path | None, color_noise: float | None, multiview_test: bool,
+        stream_order: int | None) -> None:
     """Train the network compiled into BUILD_DIR.
 
     Under `mpiexec -n R`, each of the R ranks runs a contiguous block of the plan's
@@ -465,10 +481,15 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
         raise click.UsageError("--resume continues in its own save directory: leave out --save-dir")
     if trace_file and test_only:
         raise click.UsageError("--trace records training steps: leave out --test-only")
+    if stream_order is not None and backend != "reference":
+        raise BackendError(f"--stream-order random runs on the reference backend only (--backend {backend} "
+                           f"was given): add --backend reference")
     p, manifest = open_build(build_dir)
     transport = transport_for_launch(comm_timeout)
     if trace_file and transport is not None:
         raise click.UsageError("--trace times one process's ops: run it without mpiexec")
+    if stream_order is not None and transport is not None:
+        raise click.UsageError("--stream-order random checks one process's streams: run it without mpiexec")
     if transport is not None:
         owned_devices(p.devices, transport.rank, transport.size)      # refuses ranks that do not divide them
     say = click.echo if transport is None or transport.root else (lambda *a, **kw: None)
@@ -486,6 +507,9 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
     name = default_backend() if backend == "auto" else backend
     gpus = _default_gpus(p, gpus)
     be = make_backend(name, p, build_dir, gpus)
+    if stream_order is not None:        # the reference backend, its streams in a random order, checked
+        from cnnc.race import RaceChecker
+        be = RaceChecker(p, stream_order)
     if test_only:
         test_loss, test_error = evaluate_parameters(p, be, ds, start, multiview_test)
         say(f"test error {test_error * 100:5.2f}%  test loss {test_loss:.4f}  ({ds.n_test} images)")
@@ -615,6 +639,132 @@ def predict(build_dir: Path, images: tuple[Path, ...], init: Path, top: int, bac
     be = make_backend(default_backend() if backend == "auto" else backend, p, build_dir, _default_gpus(p, gpus))
     for image, best in zip(images, classify(p, be, init, list(images), top)):
         click.echo(f"{image}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in best))
+
+
+def _device_counts(value: str) -> list[int]:
+    """--device-counts as a sorted list, or a one-line error."""
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        _fail(f"error: --device-counts: expected distinct positive integers separated by commas (1,2,4,8), "
+              f"not {value!r}")
+    return sorted(counts)
+
+
+def _strategies(value: str) -> list[str]:
+    """--strategies as a list, or a one-line error."""
+    from cnnc.perf.placements import STRATEGIES
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        _fail(f"error: --strategies: unknown strategy {', '.join(unknown) or repr(value)}; "
+              f"known: {', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
+def _parse_network(source: Path):
+    from cnnc.frontend.parser import parse_file
+
+    if not source.is_file():
+        _fail(f"{source}: error: no such .cnn file")
+    return parse_file(source)
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--machine", "machine_name", required=True, metavar="NAME",
+              help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, or one of --machine-file.")
+@_machine_options
+@click.option("--link", "link_name", default=None, metavar="NAME",
+              help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")
+@click.option("--device-counts", "counts", default="1,2,4,8", show_default=True,
+              help="Device counts to study, comma-separated.")
+@click.option("--strategies", default="data,model,hybrid,pipeline", show_default=True,
+              help="Placement strategies, comma-separated.")
+@click.option("--fixed-batch", is_flag=True,
+              help="Keep the source's batch at every count (strong scaling) [default: batch x devices].")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw speedup against devices to this image file (needs matplotlib: cnnc[plot]).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a row per strategy and count.")
+@_guard
+def scale(source: Path, machine_name: str, machine_file: Path | None, link_name: str | None, counts: str,
+          strategies: str, fixed_batch: bool, plot_file: Path | None, as_json: bool) -> None:
+    """Predict how SOURCE scales: each placement strategy at each device count, compiled (without
+    nvcc) and simulated on a machine model.
+
+    Strategies: data (every layer on all devices), model (conv and fc layers sliced across the
+    devices), hybrid (layers below the first fc replicated, the fc layers sliced; once per
+    exchange scheme), pipeline (balanced stages, 4 micro-batches per stage, 1F1B).  Speedup is
+    images/s over the one-device build's; a strategy a count cannot have is listed as skipped.
+    """
+    from cnnc.perf.machine import catalogue, link
+    from cnnc.perf.scale import format_table, plot, study
+
+    device_counts, chosen = _device_counts(counts), _strategies(strategies)
+    program = _parse_network(source)
+    m = _machine(machine_name, machine_file)
+    peer = link(link_name, catalogue(machine_file)) if link_name else None
+    if plot_file is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail("error: --plot needs matplotlib (pip install 'cnnc[plot]')")
+    rows = study(program, m, device_counts, chosen, scale_batch=not fixed_batch, peer_link=peer)
+    if plot_file is not None:
+        plot(rows, plot_file, f"{program.name} on {m.name}")
+    if as_json:
+        click.echo(json.dumps({"network": program.name, "machine": m.name, "weak_scaling": not fixed_batch,
+                               "rows": rows}, indent=1))
+    else:
+        click.echo(f"{program.name}: " + format_table(rows, m))
+        if plot_file is not None:
+            click.echo(f"plot: {plot_file}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--machine", "machine_name", required=True, metavar="NAME",
+              help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, or one of --machine-file.")
+@_machine_options
+@click.option("--link", "link_name", default=None, metavar="NAME",
+              help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")
+@click.option("--devices", type=int, required=True, help="Devices to place the network on.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The placed .cnn file to write.")
+@click.option("--fixed-batch", is_flag=True,
+              help="Keep the source's batch [default: batch x devices, each device keeping the source's work].")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
+@_guard
+def place(source: Path, machine_name: str, machine_file: Path | None, link_name: str | None, devices: int,
+          out: Path, fixed_batch: bool, as_json: bool) -> None:
+    """Search placements of SOURCE on DEVICES devices of a machine model and write the fastest
+    that fits every device's memory as a .cnn file, its predicted step and the runners-up in a
+    comment at its top.  The search space is described in cnnc/perf/place.py."""
+    from cnnc.build import write_atomic
+    from cnnc.perf.machine import catalogue, link
+    from cnnc.perf.place import annotated, search
+
+    if devices < 1:
+        _fail(f"error: --devices must be 1 or more, not {devices}")
+    if out.exists() and source.exists() and out.samefile(source):
+        _fail(f"{out}: error: the output would overwrite the input; choose another -o")
+    program = _parse_network(source)
+    m = _machine(machine_name, machine_file)
+    peer = link(link_name, catalogue(machine_file)) if link_name else None
+    result = search(program, m, devices, scale_batch=not fixed_batch, peer_link=peer)
+    write_atomic(out, annotated(result, m))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    else:
+        best = result.ranking[0]
+        click.echo(f"{program.name} on {devices} x {m.name}: best {best.name}, predicted {best.step_ms:.1f} ms per "
+                   f"step, {best.images_per_s:,.0f} images/s ({result.candidates} placements, "
+                   f"{len(result.too_big)} too big, {result.evaluated} simulated) -> {out}")
+        for c in result.ranking[1:6]:
+            click.echo(f"  runner-up: {c.name}, {c.step_ms:.1f} ms, {c.images_per_s:,.0f} images/s")
 
 
 if __name__ == "__main__":
