@@ -281,8 +281,8 @@ class Executor:
             raise ExecutionError(f"unknown op kind {op.kind!r}")
 
     def _send_copy(self, device: int, op: Op) -> None:
-        """The source half of a copy to another rank's device: the values as they are now."""
-        self.backend.synchronize()
+        """The source half of a copy to another rank's device: the values after everything
+        issued on the source's device so far (a download waits for that, and for nothing else)."""
         values = self.read(op.src)[op.src_offset:op.src_offset + op.count]
         self.transport.send(np.array(values), self.owner[device])
 
@@ -290,10 +290,8 @@ class Executor:
         """The destination half of a copy from another rank's device, staged through the host."""
         src = self.plan.buffers[op.src].device
         values = self.transport.recv(self.owner[src], f"{op.src} (logical device {src}) for {op.dst}")
-        self.backend.synchronize()
-        dst = np.array(self.read(op.dst))
-        dst[op.dst_offset:op.dst_offset + op.count] = values
-        self.backend.upload(self.handles[op.dst], dst, op.stream)
+        # only the copy's range, on the copy's stream: the rest of dst may be in use meanwhile
+        self.backend.upload(self.handles[op.dst], values, op.stream, op.dst_offset)
 
     def run(self, program: str, progress: float = 0.0, timer=None) -> None:
         """Run one program: the ops of each of the order's queues in program order, honouring

@@ -188,9 +188,9 @@ class RaceChecker(ReferenceBackend):
         self.views[buffer.id] = view = super().view(handle, buffer)
         return view
 
-    def upload(self, handle: np.ndarray, array: np.ndarray, stream: str = "compute") -> None:
+    def upload(self, handle: np.ndarray, array: np.ndarray, stream: str = "compute", offset: int = 0) -> None:
         if self.execute:
-            super().upload(handle, array, stream)
+            super().upload(handle, array, stream, offset)
 
     def download(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
         return super().download(handle, buffer) if self.execute else np.zeros(buffer.size, np.float32)

@@ -79,3 +79,49 @@ def test_reference_gradients_are_the_loss_gradient(tmp_path):
             minus[name].reshape(-1)[i] -= h
             numeric = (mean_loss(plus) - mean_loss(minus)) / (2 * h)
             assert analytic == pytest.approx(numeric, rel=1e-2, abs=3e-4), (name, i)
+
+
+def test_opencl_runs_are_fenced_from_each_other(tmp_path):
+    """Protocol: each run begins with every queue waiting, on the device, for a marker of
+    every queue, so a run's upload cannot overtake the previous run's kernels."""
+    plan = build(tmp_path)
+    backend = make_backend("opencl", plan, tmp_path, [0])
+    ex = Executor(plan, backend)
+    ex.train_step(*batch(0), progress=0.0)          # both streams' queues now exist
+    calls, cl = [], backend.cl
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(cl, name)
+
+        def enqueue_marker(self, queue):
+            calls.append(("marker", queue))
+            return cl.enqueue_marker(queue)
+
+        def enqueue_barrier(self, queue, wait_for=None):
+            calls.append(("barrier", queue, len(wait_for or ())))
+            return cl.enqueue_barrier(queue, wait_for=wait_for)
+
+    backend.cl = Recording()
+    ex.train_step(*batch(1), progress=0.5)
+    queues = list(backend.queues.values())
+    assert len(queues) >= 2
+    fence = calls[:2 * len(queues)]
+    assert [c[0] for c in fence] == ["marker"] * len(queues) + ["barrier"] * len(queues)
+    assert {id(c[1]) for c in fence[len(queues):]} == {id(q) for q in queues}
+    assert all(c[2] == len(queues) for c in fence[len(queues):])
+
+
+@pytest.mark.parametrize("backend", ["reference", "opencl"])
+def test_an_upload_at_an_offset_writes_only_its_range(backend, tmp_path):
+    """What a copy from another rank's device needs: the rest of the buffer may be in use."""
+    plan = build(tmp_path)
+    b = make_backend(backend, plan, tmp_path, [0])
+    buffer = next(buf for buf in plan.buffers.values() if buf.dtype == "f32" and buf.size >= 8)
+    handle = b.view(b.alloc(buffer, buffer.device), buffer)
+    before = np.arange(buffer.size, dtype=np.float32)
+    b.upload(handle, before)
+    b.upload(handle, np.array([-1, -2], np.float32), "copy-in", 3)
+    expected = before.copy()
+    expected[3:5] = [-1, -2]
+    np.testing.assert_array_equal(b.download(handle, buffer), expected)

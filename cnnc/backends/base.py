@@ -68,8 +68,9 @@ class Backend(ABC):
         return handle
 
     @abstractmethod
-    def upload(self, handle: Any, array: np.ndarray, stream: str = "compute") -> None:
-        """Copy a host array (of the buffer's size and dtype) into device memory."""
+    def upload(self, handle: Any, array: np.ndarray, stream: str = "compute", offset: int = 0) -> None:
+        """Copy a host array (of the buffer's dtype) into device memory from element `offset` on
+        (the whole buffer unless a copy from another rank fills one range of it)."""
 
     @abstractmethod
     def download(self, handle: Any, buffer: Buffer) -> np.ndarray:

@@ -286,13 +286,14 @@ class CudaBackend(Backend):
             raise BackendError(f"cannot upload {array.dtype} values: device buffers hold 4-byte elements")
         return array.reshape(-1).view(np.uint8)
 
-    def upload(self, handle, array: np.ndarray, stream: str = "compute") -> None:
+    def upload(self, handle, array: np.ndarray, stream: str = "compute", offset: int = 0) -> None:
         """Asynchronous on `stream`.  On copy-in (a minibatch, every step) through two page-locked
         buffers of the destination's own; otherwise through the device's two bounce buffers."""
         _, device, size = self._allocations[int(handle)]
         data = self._bytes(array)
-        if data.nbytes > size:
-            raise BackendError(f"an upload of {data.nbytes} bytes into a buffer of {size}")
+        if 4 * offset + data.nbytes > size:
+            raise BackendError(f"an upload of {data.nbytes} bytes at byte {4 * offset} into a buffer of {size}")
+        handle = int(handle) + 4 * offset
         lane = self.lanes[(device, stream)]
         if stream == "copy-in":
             slot = self._next_slot(self._uploads.setdefault(int(handle), [1, None, None]), device, data.nbytes)

@@ -226,9 +226,9 @@ class OpenCLBackend(Backend):
             self.queues[key] = self.cl.CommandQueue(self.ctx, device=self._devices[device])
         return self.queues[key]
 
-    def upload(self, handle, array: np.ndarray, stream: str = "compute") -> None:
+    def upload(self, handle, array: np.ndarray, stream: str = "compute", offset: int = 0) -> None:
         buf, device = handle
-        self.cl.enqueue_copy(self._queue(device, stream), buf, np.ascontiguousarray(array))
+        self.cl.enqueue_copy(self._queue(device, stream), buf, np.ascontiguousarray(array), dst_offset=4 * offset)
 
     def download(self, handle, buffer: Buffer) -> np.ndarray:
         buf, device = handle
@@ -255,6 +255,16 @@ class OpenCLBackend(Backend):
 
     def wait(self, event: str, device: int, stream: str = "compute") -> None:
         self.cl.enqueue_barrier(self._queue(device, stream), wait_for=[self.events[event]])
+
+    def begin_run(self) -> None:
+        """Every queue waits, on the device, for what every queue was given before: the plan
+        orders ops within one run only, so without this a run's upload on copy-in could
+        overwrite an input the previous run's compute queue has yet to read."""
+        queues = list(self.queues.values())
+        if len(queues) > 1:
+            markers = [self.cl.enqueue_marker(q) for q in queues]
+            for q in queues:
+                self.cl.enqueue_barrier(q, wait_for=markers)
 
     def synchronize(self) -> None:
         for q in self.queues.values():

@@ -30,8 +30,9 @@ class ReferenceBackend(Backend):
     def view(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
         return handle[:buffer.size]
 
-    def upload(self, handle: np.ndarray, array: np.ndarray, stream: str = "compute") -> None:
-        handle[...] = np.asarray(array, handle.dtype).reshape(-1)
+    def upload(self, handle: np.ndarray, array: np.ndarray, stream: str = "compute", offset: int = 0) -> None:
+        values = np.asarray(array, handle.dtype).reshape(-1)
+        handle[offset:offset + values.size] = values
 
     def download(self, handle: np.ndarray, buffer: Buffer) -> np.ndarray:
         return handle.copy()
