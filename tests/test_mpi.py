@@ -61,10 +61,11 @@ def builds(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def cnnc_run(build: Path, save: Path, backend: str, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    """`cnnc run` for 3 steps, under `mpiexec -n ranks` unless ranks is 1."""
+def cnnc_run(build: Path, save: Path, backend: str, ranks: int, *extra: str,
+             steps: int = 3) -> subprocess.CompletedProcess:
+    """`cnnc run` for `steps` steps, under `mpiexec -n ranks` unless ranks is 1."""
     launch = [str(MPIEXEC), "-n", str(ranks)] if ranks > 1 else []
-    return subprocess.run([*launch, str(CNNC), "run", str(build), "--backend", backend, "--steps", "3",
+    return subprocess.run([*launch, str(CNNC), "run", str(build), "--backend", backend, "--steps", str(steps),
                            "--no-test", "-q", "--save-dir", str(save), *extra],
                           capture_output=True, text=True, timeout=120)
 
@@ -96,6 +97,19 @@ def test_reference_ranks_train_bitwise_alike(builds, tmp_path: Path) -> None:
     assert single.returncode == 0, single.stderr
     for name, value in weights(tmp_path / "single").items():
         np.testing.assert_allclose(runs[4][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_resuming_with_another_rank_count_is_bitwise(builds, tmp_path: Path) -> None:
+    """A checkpoint holds whole parameters and the loader is keyed by seed, epoch and step,
+    so a run cut on 2 ranks and resumed on 4 ends as one process running throughout."""
+    whole = cnnc_run(builds["placed"], tmp_path / "whole", "reference", 1, *GPUS, steps=6)
+    cut = cnnc_run(builds["placed"], tmp_path / "cut", "reference", 2, *GPUS, steps=3)
+    assert whole.returncode == 0 and cut.returncode == 0, whole.stderr + cut.stderr
+    resumed = subprocess.run([str(MPIEXEC), "-n", "4", str(CNNC), "run", str(builds["placed"]), "--backend",
+                              "reference", *GPUS, "--steps", "6", "--no-test", "-q", "--resume", str(tmp_path / "cut")],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(weights(tmp_path / "whole"), weights(tmp_path / "cut"))
 
 
 def test_opencl_two_ranks_train_as_one(builds, tmp_path: Path) -> None:
