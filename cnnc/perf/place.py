@@ -41,7 +41,7 @@ from cnnc.perf import PerfError
 from cnnc.perf.machine import Link, Machine
 from cnnc.perf.placements import EXCHANGES, PIPELINE_SCHEDULES, Skipped, data_parallel, hybrid, model_parallel, \
     pipeline
-from cnnc.perf.roofline import plan_rooflines
+from cnnc.perf.roofline import layer_times_us, plan_rooflines
 from cnnc.perf.simulate import simulate_plan
 from cnnc.plan.memory import storage_bytes
 from cnnc.plan.planner import plan as make_plan
@@ -204,14 +204,7 @@ def _result(net: Network, ev: Evaluator, simulated: list[Candidate], admitted: i
 def _layer_costs(program: ast.Program, net: Network, ev: Evaluator) -> dict[str, float]:
     """Each layer's predicted one-device kernel time, which the pipeline cuts balance."""
     one = data_parallel(program, net, 1, scale_batch=False)        # the source with every layer on device 0
-    plan, rooflines = ev.planned(Candidate("one device", one.text))
-    costs: dict[str, float] = {}
-    for ops in plan.programs["train"].values():
-        for op in ops:
-            if op.kind == "launch" and plan.kernels[op.kernel].layer:
-                layer = plan.kernels[op.kernel].layer
-                costs[layer] = costs.get(layer, 0.0) + rooflines[op.kernel]["time_us"]
-    return costs
+    return layer_times_us(*ev.planned(Candidate("one device", one.text)))
 
 
 def search(program: ast.Program, machine: Machine, devices: int, scale_batch: bool = True,

@@ -145,6 +145,13 @@ def layer_rooflines(plan, rooflines: dict[str, dict], program: str = "train") ->
     return list(rows.values())
 
 
+def layer_times_us(plan, rooflines: dict[str, dict], program: str = "train") -> dict[str, float]:
+    """Each source layer's predicted kernel time in one step (every launch on every device),
+    without the kernels of the whole step (updates, health checks)."""
+    return {row["layer"]: row["time_us"] for row in layer_rooflines(plan, rooflines, program)
+            if row["layer"] != "(step)"}
+
+
 def format_rooflines(plan, machine: Machine, layers: list[dict]) -> str:
     out = [f"{plan.network} on {machine.name} ({machine.description or machine.name}): "
            f"FP32 peak {machine.peak_fp32_tflops:g} TFLOP/s, {machine.memory_bandwidth_gbs:g} GB/s, "

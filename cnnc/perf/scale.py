@@ -17,7 +17,7 @@ from cnnc.diagnostics import CompileError
 from cnnc.frontend import ast
 from cnnc.perf.machine import Link, Machine
 from cnnc.perf.placements import STRATEGIES, Placement, Skipped, data_parallel, make_placement, variants
-from cnnc.perf.roofline import plan_rooflines
+from cnnc.perf.roofline import layer_times_us, plan_rooflines
 from cnnc.perf.simulate import simulate_plan
 from cnnc.plan.memory import storage_bytes
 from cnnc.plan.summary import summarize
@@ -49,12 +49,7 @@ def evaluate(placement_text: str, file: str, machine: Machine, devices: int, wor
     rooflines = plan_rooflines(plan, machine, {})
     sim = simulate_plan(plan, machine, rooflines, devices, peer_link)
     summary = summarize(plan)
-    layer_us: dict[str, float] = {}
-    for ops in plan.programs["train"].values():
-        for op in ops:
-            if op.kind == "launch" and plan.kernels[op.kernel].layer:
-                name = plan.kernels[op.kernel].layer
-                layer_us[name] = layer_us.get(name, 0.0) + rooflines[op.kernel]["time_us"]
+    layer_us = layer_times_us(plan, rooflines)
     moved = sum(t["activation_bytes"] + t["collective_bytes"] for t in summary["transfers"])
     return Evaluation(sim.step_s, plan.batch, dict(storage_bytes(plan)), moved, layer_us)
 
