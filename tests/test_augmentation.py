@@ -13,10 +13,18 @@ import pytest
 from cnnc.backends import make_backend
 from cnnc.build import open_build
 from cnnc.predict import probabilities
+from cnnc.train.checkpoint import latest_checkpoint
 from cnnc.train.data import add_color_noise, color_components, load_npz
 from cnnc.train.loader import Loader
+
+from checkpoint_runs import NET, assert_bitwise, compiled, records, run, weights, write_data
 from helpers import replace_once
-from test_checkpoints import NET, assert_bitwise, compiled, data, latest_checkpoint, records, run, weights  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data"))
+
 
 CONST_LR_NET = replace_once(NET, "lr = dexp(base=0.05, tgt_factor=10, steps=3)", "lr = 0.05")
 RGB_NET = replace_once(CONST_LR_NET, "input data: 1x8x8", "input data: 3x8x8")
