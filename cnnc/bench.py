@@ -143,5 +143,5 @@ def format_bench(r: BenchResult) -> str:
     if torch:
         out.append(f"PyTorch {torch['version']} on {torch['device']}: {torch['step_ms']:.2f} ms per step, "
                    f"{r.batch / torch['step_ms'] * 1e3:,.0f} images/s "
-                   f"(cnnc is {torch['step_ms'] / r.step_ms:.2f}x its speed)")
+                   f"(cnnc is {torch['step_ms'] / r.step_ms:.2f}x its speed), precision {torch['precision']}")
     return "\n".join(out)

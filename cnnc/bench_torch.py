@@ -17,6 +17,7 @@ from cnnc.check import check
 from cnnc.check.kinds import KINDS, TORCH_TWINS, torch_twin
 from cnnc.frontend.parser import parse
 from cnnc.ir import Layer
+from cnnc.precision import DEFAULT as DEFAULT_PRECISION
 
 
 def require_torch():
@@ -284,11 +285,39 @@ def torch_device(torch, backend: str, gpu: int) -> str:
     return f"cuda:{gpu}"
 
 
+def match_precision(torch, net, device: str) -> tuple[str, object]:
+    """Set PyTorch's math to the network's GEMM precision where PyTorch can match it, and say what
+    it uses: (description for the report, context manager to run forward passes in).  Its flags
+    are global, so a network whose layers differ gets its train {} default throughout.  On CUDA,
+    tf32 is cuBLAS's and cuDNN's TF32 mode and fp32 turns that mode off (cuDNN's default is on);
+    bf16 is autocast, which also stores conv and linear outputs in bf16 where cnnc keeps float32.
+    On a CPU PyTorch has no TF32, so its side of the comparison is then fp32."""
+    import contextlib
+
+    own = {l.train.precision for l in net.layers if l.train}
+    default = net.settings.get("precision", DEFAULT_PRECISION)
+    wanted = next(iter(own)) if len(own) == 1 else default
+    mixed = " (the layers' precisions differ: PyTorch's flags are global, so the train {} default)" \
+        if len(own) > 1 else ""
+    if not device.startswith("cuda"):
+        if wanted == DEFAULT_PRECISION:
+            return f"fp32{mixed}", contextlib.nullcontext()
+        return (f"fp32 (the network's {wanted}: PyTorch has no {wanted} GEMMs to match on a CPU){mixed}",
+                contextlib.nullcontext())
+    torch.backends.cuda.matmul.allow_tf32 = wanted == "tf32"
+    torch.backends.cudnn.allow_tf32 = wanted == "tf32"
+    if wanted == "bf16":
+        return (f"bf16 (autocast: conv and linear outputs are stored in bf16, cnnc keeps float32){mixed}",
+                torch.autocast(device_type="cuda", dtype=torch.bfloat16))
+    return f"{wanted}{mixed}", contextlib.nullcontext()
+
+
 def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: int, warmup: int,
                   device: str = "cpu") -> dict:
     torch = require_torch()
     net = check(parse(source, "source.cnn"))
     model = build_model(torch, net).to(device)
+    precision, math = match_precision(torch, net, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     on_gpu = device.startswith("cuda")
@@ -306,7 +335,9 @@ def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: 
 
     def step():
         opt.zero_grad()
-        model(tx, ty).backward()
+        with math:
+            loss = model(tx, ty)
+        loss.float().backward()
         opt.step()
 
     for _ in range(warmup):
@@ -336,4 +367,4 @@ def torch_step_ms(source: str, batch: int, x: np.ndarray, y: np.ndarray, steps: 
         h.remove()
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     return {"version": torch.__version__, "device": f"{device} ({name})" if on_gpu else "cpu", "step_ms": step_ms,
-            "layers": {k: dict(v) for k, v in times.items()}}
+            "layers": {k: dict(v) for k, v in times.items()}, "precision": precision}

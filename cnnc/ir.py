@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from cnnc import precision as precisions
 from cnnc.diagnostics import Span
 from cnnc.neurons import Neuron
 
@@ -102,6 +103,7 @@ class LayerTrain:
     init_b: float
     update_period: int = 0
     wball: float = 0.0          # after each update, scale down any unit's incoming weights longer than this
+    precision: str = precisions.DEFAULT     # what its GEMM operands are rounded to (cnnc/precision.py)
 
 
 @dataclass(frozen=True)

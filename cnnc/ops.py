@@ -50,6 +50,8 @@ from typing import Callable
 
 import numpy as np
 
+from cnnc import precision
+
 
 class Role(str, Enum):
     IN = "in"
@@ -61,7 +63,10 @@ class Role(str, Enum):
 
 # Params an op may leave out, and the value they then have.  A plain layer's kernels leave
 # them out, so that its params (and the kernels generated from them) stay the plain ones.
-PARAM_DEFAULTS = {"groups": 1, "shared_biases": True, "accumulate": False, "bias": True, "split": 1}
+# Every op with a GEMM (`OpSpec.gemm`) takes `precision`, what its operands are rounded to when
+# staged (cnnc/precision.py); fp32, the default, rounds nothing.
+PARAM_DEFAULTS = {"groups": 1, "shared_biases": True, "accumulate": False, "bias": True, "split": 1,
+                  "precision": precision.DEFAULT}
 
 
 def param(p: dict, name: str):

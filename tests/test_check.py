@@ -419,7 +419,7 @@ t.cnn:4:21: error: unknown setting 'momentun'
 t.cnn:4:37: error: unknown setting 'batch'
     4 | c = conv(data, filters=4, size=3) { batch = 8 }
       |                                     ^~~~~~~~~
-  hint: settings: init_b, init_w, lr, lr_bias, momentum, momentum_bias, update_period, wball, weight_decay"""),
+  hint: settings: init_b, init_w, lr, lr_bias, momentum, momentum_bias, precision, update_period, wball, weight_decay"""),
     "float for an int argument": (H + "c = conv(data, filters=4.5, size=3)\n" + HEAD, """\
 t.cnn:4:24: error: filters must be an integer
     4 | c = conv(data, filters=4.5, size=3)

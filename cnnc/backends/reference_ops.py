@@ -21,6 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from cnnc.neurons import Neuron
 from cnnc.ops import (OPS, REFERENCES, SCALAR_DTYPES, SCALARS_ARG, dropout_threshold, norm_add_scale, param,
                       reference, scalar_value)
+from cnnc.precision import round_operand
 
 
 # ----------------------------------------------------------------- helpers
@@ -131,6 +132,12 @@ def _pool_windows(p: dict, x, fill):
     return _windows(x4, p["start"], p["P"], p["Q"], p["size"], p["size"], p["stride"], fill)
 
 
+def _operands(p: dict, *operands):
+    """A GEMM op's two operands as its kernels stage them: rounded to the op's precision (fp32:
+    unchanged), so the products and the fp32 sums are those of every backend."""
+    return tuple(round_operand(a, param(p, "precision")) for a in operands)
+
+
 def _rows(labels, N: int) -> tuple[np.ndarray, np.ndarray]:
     """Index pair (n, label[n]) selecting each case's label entry."""
     return np.arange(N), np.asarray(labels).reshape(N).astype(np.intp)
@@ -153,6 +160,7 @@ def conv_fwd(p, x, w, b, y):
     """y = neuron(b + conv(x, w)), reading zeros outside the image; each group of filters sees
     only its own group of channels."""
     xs, ws, ys = _conv_shapes(p)
+    x, w = _operands(p, x, w)
     x4, w4 = _in(x, xs), _in(w, ws)
     parts = []
     for cs, ks in _groups(p):
@@ -166,6 +174,7 @@ def conv_fwd(p, x, w, b, y):
 def conv_bwd_data(p, w, dy, dx):
     """dx (+)= the transpose convolution of dy with w, group by group."""
     xs, ws, ys = _conv_shapes(p)
+    w, dy = _operands(p, w, dy)
     dy4, w4 = _in(dy, ys), _in(w, ws)
     parts = []
     for _, ks in _groups(p):
@@ -181,6 +190,7 @@ def conv_bwd_filter(p, x, dy, dw):
     With split > 1 (split-K), dw holds `split` partial sums, slice z covering the
     reduction indices (case, row, column) z*split_k .. (z+1)*split_k - 1."""
     xs, ws, ys = _conv_shapes(p)
+    x, dy = _operands(p, x, dy)
     x4, dy4 = _in(x, xs), _in(dy, ys)
     if p.get("split", 1) > 1:
         cols = _windows(x4, -p["pad"], p["P"], p["Q"], p["R"], p["S"], p["stride"])   # [N, C, P, Q, R, S]
@@ -207,6 +217,7 @@ def bias_grad(p, dy, db):
 @reference
 def fc_fwd(p, x, w, b, y):
     """y = neuron(x @ w + b)."""
+    x, w = _operands(p, x, w)
     acc = _in(x, (p["N"], p["I"])) @ _in(w, (p["I"], p["O"]))
     _store_summed(p, _out(y, (p["N"], p["O"])), acc, _in(b, (1, p["O"])))
 
@@ -214,6 +225,7 @@ def fc_fwd(p, x, w, b, y):
 @reference
 def fc_bwd_data(p, w, dy, dx):
     """dx (+)= dy @ w.T."""
+    w, dy = _operands(p, w, dy)
     g = _in(dy, (p["N"], p["O"])) @ _in(w, (p["I"], p["O"])).T
     _store(_out(dx, (p["N"], p["I"])), g, p)
 
@@ -221,6 +233,7 @@ def fc_bwd_data(p, w, dy, dx):
 @reference
 def fc_bwd_filter(p, x, dy, dw):
     """dw = x.T @ dy."""
+    x, dy = _operands(p, x, dy)
     g = _in(x, (p["N"], p["I"])).T @ _in(dy, (p["N"], p["O"]))
     _store(_out(dw, (p["I"], p["O"])), g, p)
 
@@ -637,6 +650,7 @@ def _local_w(p: dict, w):
 @reference
 def local_fwd(p, x, w, b, y):
     """y = neuron(b + a convolution whose filters differ at every output position)."""
+    x, w = _operands(p, x, w)
     acc = np.einsum("ncpqrs,pqkcrs->nkpq", _conv_cols(p, x), _local_w(p, w))
     acc = acc + _in(b, (1, p["K"], p["P"], p["Q"]))
     _store(_out(y, (p["N"], p["K"], p["P"], p["Q"])), _neuron_fwd(p, acc), p)
@@ -654,6 +668,7 @@ def local_bwd_data(p, w, dy, dx):
 @reference
 def local_bwd_filter(p, x, dy, dw):
     """dw[pos] = sum over cases of dy at pos times the input window at pos."""
+    x, dy = _operands(p, x, dy)
     dy4 = _in(dy, (p["N"], p["K"], p["P"], p["Q"]))
     g = np.einsum("nkpq,ncpqrs->pqkcrs", dy4, _conv_cols(p, x))
     _store(_out(dw, (p["P"], p["Q"], p["K"], p["C"], p["R"], p["S"])), g, p)

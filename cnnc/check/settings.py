@@ -3,11 +3,15 @@
 Per-layer keys override the network-wide defaults.  Learning rates are
 schedules: a number (constant) or const(base), linear(base, tgt_factor),
 exp(base, tgt_factor), dexp(base, tgt_factor, steps) as in cuda-convnet2.
+``precision`` (fp32 | tf32 | bf16) is what a weight layer's GEMM operands are rounded to
+(cnnc/precision.py); weight layers are exactly the layers with GEMMs, so on any other layer it
+is refused like every per-layer setting.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from cnnc import precision
 from cnnc.diagnostics import did_you_mean
 from cnnc.frontend import ast
 from cnnc.ir import MAX_ELEMENTS, LayerTrain, Schedule
@@ -24,6 +28,7 @@ GLOBAL_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
 CHOICES = {
     "pipeline": ("gpipe", "one_f_one_b"),
     "exchange": ("all_gather", "round_robin", "scatter"),
+    "precision": precision.PRECISIONS,
 }
 LAYER_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
     "lr": ("schedule", 0, Schedule("const", 0.01)),
@@ -35,6 +40,7 @@ LAYER_SETTINGS: dict[str, tuple[str, float | None, Any]] = {
     "init_b": ("float", None, 0.0),
     "update_period": ("int", 0, 0),
     "wball": ("float", 0, 0.0),               # max L2 norm of each unit's incoming weights (0: none)
+    "precision": ("choice", None, precision.DEFAULT),   # what the layer's GEMM operands are rounded to
 }
 
 _SCHEDULE_ARGS = {
@@ -125,4 +131,4 @@ def layer_train(glob: dict[str, Any], local: dict[str, Any]) -> LayerTrain:
     return LayerTrain(lr=lr, lr_bias=lr_bias, momentum=momentum,
                       momentum_bias=momentum if momentum_bias is None else momentum_bias,
                       weight_decay=get("weight_decay"), init_w=get("init_w"), init_b=get("init_b"),
-                      update_period=get("update_period"), wball=get("wball"))
+                      update_period=get("update_period"), wball=get("wball"), precision=get("precision"))

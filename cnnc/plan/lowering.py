@@ -14,7 +14,8 @@ from typing import Callable
 from cnnc.check.kinds import KINDS
 from cnnc.ir import Layer
 from cnnc.neurons import Neuron
-from cnnc.ops import param
+from cnnc.ops import OPS, param
+from cnnc.precision import DEFAULT as FP32, kernel_suffix
 
 
 @dataclass
@@ -112,7 +113,21 @@ def fc_params(l: Layer, i: int, cases: int) -> dict:
 
 
 def weighted_params(l: Layer, i: int, cases: int) -> dict:
-    return fc_params(l, i, cases) if l.kind == "fc" else conv_params(l, i, cases)
+    """The op params of a weighted layer's input i, with the layer's precision unless it is fp32
+    (so fp32 kernels keep their params)."""
+    q = fc_params(l, i, cases) if l.kind == "fc" else conv_params(l, i, cases)
+    if l.train and l.train.precision != FP32:
+        q["precision"] = l.train.precision
+    return q
+
+
+def gemm_params(op: str, q: dict, **more) -> dict:
+    """A weighted layer's params for `op`: `precision` only where the op is a GEMM (a local
+    layer's data gradient is a direct sum, computed in fp32)."""
+    params = dict(q, **more)
+    if not OPS[op].gemm:
+        params.pop("precision", None)
+    return params
 
 
 def pool_params(l: Layer, cases: int) -> dict:
@@ -141,6 +156,18 @@ def _gemm_shape_tag(op_params: dict, kind: str) -> str:
     return f"n{q['N']}_i{q['I']}_o{q['O']}"
 
 
+def _gemm_tag(op_params: dict, kind: str) -> str:
+    """A weighted layer's kernel tag: its GEMM's shape, then its precision unless fp32, so kernels
+    of different precisions have different names."""
+    return _gemm_shape_tag(op_params, kind) + kernel_suffix(param(op_params, "precision"))
+
+
+def _precision_note(op_params: dict) -> str:
+    """What a kernel's summary adds for its precision: nothing for fp32."""
+    precision = param(op_params, "precision")
+    return "" if precision == FP32 else f", {precision} operands"
+
+
 def _acc(accumulate: bool) -> str:
     return "_acc" if accumulate else ""
 
@@ -164,7 +191,7 @@ def forward_weighted(site: Site) -> None:
         if last:
             params.update(accumulate=i > 0, bias=i == 0)
             suffix = f"_in{i}"
-        tag = f"fwd_{_gemm_shape_tag(q, kind)}{suffix}"
+        tag = f"fwd_{_gemm_tag(q, kind)}{suffix}"
         if kind in ("conv", "local"):
             what = "filters" if kind == "conv" else "filters per position"
             summary = (f"forward of {l.name}: {q['K']} {what} {q['R']}x{q['S']} over {q['C']}x{q['H']}x{q['W']}, "
@@ -177,6 +204,7 @@ def forward_weighted(site: Site) -> None:
             summary = f"forward of {l.name}: {q['I']} inputs to {q['O']} outputs, {neuron}"
         if last:
             summary += f" (input {i + 1} of {last + 1}{', adds the bias' if i == 0 else ', adds into the output'})"
+        summary += _precision_note(q)
         site.launch(tag, f"{kind}_fwd", params, (x, site.params[wname], site.params["biases"], site.output),
                     (site.output,), summary)
 
@@ -367,12 +395,13 @@ def weight_gradients(site: Site, dy: str, accumulate: bool) -> None:
     for i, (x, wname) in enumerate(zip(site.inputs, weight_names(l))):
         q = weighted_params(l, i, site.cases)
         suffix = f"_in{i}" if len(l.inputs) > 1 else ""
-        summary = f"gradient of {l.name}'s weights" + (f" for input {l.inputs[i]}" if suffix else "")
+        summary = f"gradient of {l.name}'s weights" + (f" for input {l.inputs[i]}" if suffix else "") + \
+            _precision_note(q)
         split, split_k = split_k_for(l, q)
         if split > 1:
             n = q["K"] * q["C"] * q["R"] * q["S"]
             partials = site.alloc(f"{wname}.partials{suffix}", split * n)
-            site.launch(f"bwd_filter_{_gemm_shape_tag(q, l.kind)}{suffix}_split{split}", "conv_bwd_filter",
+            site.launch(f"bwd_filter_{_gemm_tag(q, l.kind)}{suffix}_split{split}", "conv_bwd_filter",
                         dict(q, split=split, split_k=split_k), (x, dy, partials), (partials,),
                         summary + f", split-K: {split} slices of {split_k} of the {q['N'] * q['P'] * q['Q']} "
                                   f"summed positions, one partial sum each")
@@ -381,7 +410,7 @@ def weight_gradients(site: Site, dy: str, accumulate: bool) -> None:
                         (site.grads[wname],), f"add the {split} split-K partial sums of {l.name}'s weight gradient, "
                                               f"in order")
             continue
-        site.launch(f"bwd_filter_{_gemm_shape_tag(q, l.kind)}{suffix}{acc}", f"{l.kind}_bwd_filter",
+        site.launch(f"bwd_filter_{_gemm_tag(q, l.kind)}{suffix}{acc}", f"{l.kind}_bwd_filter",
                     dict(q, accumulate=accumulate), (x, dy, site.grads[wname]), (site.grads[wname],), summary)
 
 
@@ -421,9 +450,11 @@ def backward_weighted(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -
         dx, acc = target
         q = weighted_params(l, i, site.cases)
         suffix = (f"_in{i}" if len(l.inputs) > 1 else "") + _acc(acc)
-        site.launch(f"bwd_data_{_gemm_shape_tag(q, l.kind)}{suffix}", f"{l.kind}_bwd_data", dict(q, accumulate=acc),
+        op = f"{l.kind}_bwd_data"
+        params = gemm_params(op, q, accumulate=acc)
+        site.launch(f"bwd_data_{_gemm_tag(params, l.kind)}{suffix}", op, params,
                     (site.params[wname], dy, dx), (dx,),
-                    f"gradient of {l.name} with respect to its input {l.inputs[i]}")
+                    f"gradient of {l.name} with respect to its input {l.inputs[i]}" + _precision_note(params))
 
 
 def backward_pool(site: Site, dy: str, dxs: list[tuple[str, bool] | None]) -> None:
