@@ -35,6 +35,9 @@ class Dialect:
     int64: str = "long long"
     # reinterprets an int's bits as a float: how kernels read float step scalars
     int_as_float: str = "__int_as_float"
+    # whether mma.sync runs natively (CUDA, sm_80+); elsewhere templates/mma_gemm.j2 emulates the
+    # fragment operations through work-group memory, so the tensor-core tiling runs on any device
+    tensor_cores: bool = False
 
     def math(self, name: str) -> str:
         """This target's single-precision spelling of C math function `name` (exp, fmax, ...):
@@ -71,6 +74,7 @@ CUDA = Dialect(
     kernel='extern "C" __global__ void', global_ptr="", restrict="__restrict__",
     shared="__shared__", barrier="__syncthreads();", unroll="#pragma unroll",
     gemm_block=(64, 64, 16), gemm_thread=(4, 4), threads_1d=256, reduce_threads=256, float_suffix="f",
+    tensor_cores=True,
 )
 
 OPENCL = Dialect(

@@ -21,6 +21,7 @@ from cnnc.neurons import Neuron
 from cnnc.ops import (INT_BUFFERS, OPS, SCALAR_DTYPES, SCALARS_ARG, Role, dropout_threshold, norm_add_scale,
                       param)
 from cnnc.plan.schedule import Kernel
+from cnnc.precision import stage_expr
 from cnnc.resources import resource_dir
 
 # C identifiers: what a kernel name must be, since it is spliced into code
@@ -53,6 +54,20 @@ def _env() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["comment"] = comment_text
+    return env
+
+
+@lru_cache(maxsize=1)
+def _mma_env() -> jinja2.Environment:
+    """The environment of tensor-core kernels: the family templates (conv.j2, fc.j2, local.j2)
+    as they are, their parent gemm.j2 replaced by mma_gemm.j2, so the gathers and epilogues
+    those templates fill in are written once for both kinds of GEMM."""
+    files = jinja2.FileSystemLoader(str(resource_dir("templates")))
+
+    def parent(name: str):
+        return files.get_source(env, "mma_gemm.j2") if name == "gemm.j2" else None
+
+    env = _env().overlay(loader=jinja2.ChoiceLoader([jinja2.FunctionLoader(parent), files]))
     return env
 
 
@@ -153,14 +168,118 @@ def choose_tiles(M: int, N: int, K: int, d: Dialect) -> Tiles:
     return Tiles(BM, BN, BK, TM, TN)
 
 
+# --- tensor cores --------------------------------------------------------------------
+# A GEMM-family kernel whose layer asks for precision tf32 or bf16 runs on tensor cores
+# (templates/mma_gemm.j2): warps multiply 16x8 tiles with mma.sync, whose operand and
+# accumulator fragments are spread over the lanes as PTX lays them out.  OpenCL runs the same
+# kernel with those fragment operations emulated, so PoCL tests the tiling, staging and
+# fragment layout that CUDA builds ship.
+
+# the mma.sync shape of each precision: (instruction, k of one mma)
+MMA_SHAPES = {"tf32": ("mma.sync.m16n8k8.tf32", 8), "bf16": ("mma.sync.m16n8k16.bf16", 16)}
+# a shorter reduction stays on the SIMT kernel (rounded operands): a block tile would run
+# fewer than four K slices, too few to hide the staging of the first
+MMA_MIN_K = 64
+# block tiles (BM, BN) and warps along M and N, largest first; each warp holds a 16x8 multiple
+_MMA_BLOCKS = ((128, 128, 2, 4), (128, 64, 2, 2), (64, 64, 2, 2), (32, 32, 1, 2))
+# work-groups to aim for: 4 per SM of the A100 (108 SMs), the part of sm_80, the lowest default
+# --arch (the H100 of sm_90 has 132); the arch list does not reach rendering, so it is fixed here
+MMA_MIN_BLOCKS = 4 * 108
+
+
+@dataclass(frozen=True)
+class MmaTiles:
+    """A tensor-core kernel's tiling: a BM x BN block tile staged BK deep in `stages` shared
+    buffers, WM x WN warps of (MI*16) x (NI*8) each.  Shared rows hold BK floats plus `pad`,
+    so the lanes of a fragment load (8 rows x 4 columns) hit 32 distinct banks."""
+    BM: int
+    BN: int
+    BK: int
+    WM: int
+    WN: int
+    stages: int
+    precision: str
+    pad: int = 4
+
+    @property
+    def MI(self) -> int:
+        return self.BM // self.WM // 16
+
+    @property
+    def NI(self) -> int:
+        return self.BN // self.WN // 8
+
+    @property
+    def KS(self) -> int:
+        return MMA_SHAPES[self.precision][1]
+
+    @property
+    def threads(self) -> int:
+        return self.WM * self.WN * 32
+
+    @property
+    def a_elems(self) -> list[tuple[int, int]]:
+        """(row, k) offsets from (groupID, threadID_in_group) of a lane's A elements, in register
+        order (two per register for bf16, low half first).  bf16's k are permuted, 2t+h -> t+4h
+        in each half of the 16, in A and B alike: the dot product is unchanged and a lane's loads
+        stay on distinct banks."""
+        if self.precision == "tf32":
+            return [(8 * (e % 2), 4 * (e // 2)) for e in range(4)]
+        return [(8 * (e // 2 % 2), 4 * (e % 2) + 8 * (e // 4)) for e in range(8)]
+
+    @property
+    def b_elems(self) -> list[tuple[int, int]]:
+        """(column, k) offsets of a lane's B elements, in register order, as a_elems."""
+        if self.precision == "tf32":
+            return [(0, 4 * e) for e in range(2)]
+        return [(0, 4 * (e % 2) + 8 * (e // 2)) for e in range(4)]
+
+    @property
+    def per_register(self) -> int:
+        return 1 if self.precision == "tf32" else 2
+
+
+def mma_math(k: Kernel) -> tuple[str, str] | None:
+    """("mma..." or "simt", why) for a GEMM-family kernel of a reduced precision; None for fp32
+    (and for other ops), whose kernels are the SIMT ones, unchanged."""
+    spec = OPS[k.op]
+    precision = param(k.params, "precision") if spec.gemm else None
+    if precision not in MMA_SHAPES:
+        return None
+    K = spec.gemm(k.params)["K"]
+    if K < MMA_MIN_K:
+        return "simt", f"K={K} < {MMA_MIN_K}: SIMT with {precision}-rounded operands"
+    return MMA_SHAPES[precision][0], f"tensor cores, {precision} operands, fp32 accumulation"
+
+
+def choose_mma_tiles(M: int, N: int, batch: int, precision: str) -> MmaTiles:
+    """The largest block tile that still gives MMA_MIN_BLOCKS work-groups, else the smallest
+    (the most work-groups a small GEMM can have)."""
+    for BM, BN, WM, WN in _MMA_BLOCKS:
+        if -(-M // BM) * -(-N // BN) * batch >= MMA_MIN_BLOCKS:
+            break
+    return MmaTiles(BM, BN, 16, WM, WN, 2, precision)
+
+
 def geometry(k: Kernel, d: Dialect) -> tuple[dict, object]:
     """(launch = {"grid": [...], "block": [...]}, tiles-or-threads object for the template)."""
     spec = OPS[k.op]
+    math = mma_math(k)
+    if math and d.vector_width:         # a CPU's OpenCL: the emulated fragments would only cost
+        math = ("simt", f"CPU target: SIMT with {param(k.params, 'precision')}-rounded operands")
+    if math and math[0] != "simt":
+        g = spec.gemm(k.params)
+        t = choose_mma_tiles(g["M"], g["N"], g.get("batch", 1), param(k.params, "precision"))
+        grid = [-(-g["N"] // t.BN), -(-g["M"] // t.BM), g.get("batch", 1)]
+        return {"grid": grid, "block": [t.threads, 1, 1], "math": math[0]}, t
     if spec.gemm:
         g = spec.gemm(k.params)
         t = choose_tiles(g["M"], g["N"], g["K"], d)
         grid = [-(-g["N"] // t.BN), -(-g["M"] // t.BM), g.get("batch", 1)]
-        return {"grid": grid, "block": [t.threads, 1, 1]}, t
+        launch = {"grid": grid, "block": [t.threads, 1, 1]}
+        if math:                        # a reduced precision on the SIMT kernel: say why
+            launch.update(math="simt", math_reason=math[1])
+        return launch, t
     if spec.family == "reduce":
         n = d.reduce_threads
         return {"grid": [spec.elements(k.params), 1, 1], "block": [n, 1, 1]}, _Threads(n)
@@ -183,9 +302,9 @@ def position_reach(k: Kernel, launch: dict, t) -> int:
     """An upper bound on the positions kernel `k`'s launch walks, which round the last tile or
     work-group up past the last element: a work-item's index, or a GEMM's row, column and
     reduction index, each on its own."""
-    if isinstance(t, Tiles):
+    if isinstance(t, (Tiles, MmaTiles)):
         return max(launch["grid"][1] * t.BM, launch["grid"][0] * t.BN, OPS[k.op].gemm(k.params)["K"] + t.BK)
-    if isinstance(t, CpuTiles):
+    if isinstance(t, (CpuTiles, CpuLoops)):
         return launch["grid"][0] * t.chunk
     return math.prod(launch["grid"]) * math.prod(launch["block"])
 
@@ -270,10 +389,50 @@ def _cpu_local_bytes(k: Kernel, t: CpuTiles) -> int:
     return t.lanes * OPS[k.op].gemm(k.params)["K"] * 4
 
 
+@dataclass(frozen=True)
+class CpuLoops:
+    """A loop-shaped CPU kernel's blocking (pooling, normalisation): `chunk` of its `units` per
+    work-group, a unit being an image plane, or for cmrnorm `width` pixels of one case's
+    channel planes (vectorised over them)."""
+    width: int
+    units: int
+    chunk: int
+
+
+# the ops whose CPU kernel walks planes or pixel vectors rather than a GEMM, and its template
+_CPU_LOOP_TEMPLATES = {"pool_fwd": "cpu_pool.j2", "pool_bwd": "cpu_pool.j2",
+                       **{op: "cpu_norm.j2" for op in ("cmrnorm_fwd", "cmrnorm_bwd", "rnorm_fwd", "rnorm_bwd",
+                                                       "cnorm_meandiff", "cnorm_fwd", "cnorm_bwd_prep", "cnorm_bwd")}}
+
+
+def _cpu_loops(k: Kernel, width: int) -> CpuLoops:
+    p = k.params
+    if k.op.startswith("cmrnorm"):
+        units = p["N"] * -(-(p["H"] * p["W"]) // width)
+    else:
+        units = p["N"] * p["C"]
+    return CpuLoops(width, units, -(-units // _CPU_WORK_GROUPS))
+
+
+def _cpu_loop_local_bytes(k: Kernel, width: int) -> int:
+    """Work-group memory a loop-shaped CPU kernel takes: an accumulating pooling gradient's
+    sums over one plane (one that overwrites dx sums in dx), a cross-map normalisation
+    gradient's per-channel terms of one unit, or a same-map one's per-pixel terms of a plane."""
+    if k.op == "pool_bwd" and k.params.get("accumulate"):
+        return k.params["H"] * k.params["W"] * 4
+    if k.op == "cmrnorm_bwd":
+        return k.params["C"] * (width + 1) * 4
+    if k.op in ("rnorm_fwd", "rnorm_bwd", "cnorm_fwd", "cnorm_bwd_prep", "cnorm_bwd"):
+        return k.params["H"] * k.params["W"] * 4
+    return 0
+
+
 def cpu_kernel(k: Kernel, width: int) -> bool:
-    """Does kernel `k` get a CPU-shaped kernel at this vector width?  The conv and fc ops do
-    when what they pack fits in work-group memory; every other kernel runs its GPU-shaped
-    OpenCL kernel on the CPU too."""
+    """Does kernel `k` get a CPU-shaped kernel at this vector width?  The conv, fc, pooling and
+    cross-map normalisation ops do when what they keep fits in work-group memory; every other
+    kernel runs its GPU-shaped OpenCL kernel on the CPU too."""
+    if k.op in _CPU_LOOP_TEMPLATES:
+        return _cpu_loop_local_bytes(k, width) <= _CPU_PANEL_BYTES
     if k.op not in _CPU_OPS:
         return False
     return _cpu_local_bytes(k, _cpu_tiles(k, width)) <= _CPU_PANEL_BYTES
@@ -298,8 +457,11 @@ def plan_cpu_width(kernels) -> int:
     return max((k.launch[OPENCL_CPU_NAME]["width"] for k in kernels if OPENCL_CPU_NAME in k.launch), default=0)
 
 
-def cpu_geometry(k: Kernel, width: int) -> tuple[dict, CpuTiles]:
+def cpu_geometry(k: Kernel, width: int) -> tuple[dict, CpuTiles | CpuLoops]:
     """A CPU kernel's launch: grid (chunks of units, lane blocks, groups), one work-item each."""
+    if k.op in _CPU_LOOP_TEMPLATES:
+        loops = _cpu_loops(k, width)
+        return {"grid": [-(-loops.units // loops.chunk), 1, 1], "block": [1, 1, 1], "width": width}, loops
     t = _cpu_tiles(k, width)
     g = OPS[k.op].gemm(k.params)
     lanes, units, _, _ = _cpu_gemm(k.op, k.params, g)
@@ -356,17 +518,28 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "",
                                       Span.point(k.line, 1) if k.line else None, "make the batch or the layer smaller"))
     notes = []
     spec = OPS[k.op]
-    if cpu:
+    if cpu and isinstance(t, CpuLoops):
+        g = {}
+        unit = f"float{t.width} vectors of a case's pixels" if k.op.startswith("cmrnorm") else "image planes"
+        notes.append(f"CPU: {unit}, {t.chunk} per work-item")
+    elif cpu:
         g = spec.gemm(k.params)
         units = {"conv_bwd_filter": "(channel, filter row) pairs"}.get(
             k.op, "output rows" if k.op.startswith("conv") else "columns")
         notes.append(f"CPU: GEMM M={g['M']} N={g['N']} K={g['K']}; {t.vectors} x float{t.width} outputs x "
                      f"{t.columns} broadcast columns in registers, {t.chunk} {units} per work-item")
         notes += _split_k_note(g)
+    elif spec.gemm and isinstance(t, MmaTiles):
+        g = spec.gemm(k.params)
+        notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; {mma_math(k)[1]}: block tile {t.BM}x{t.BN}x{t.BK} "
+                     f"in {t.stages} stages, {t.WM}x{t.WN} warps of {t.MI * 16}x{t.NI * 8}, {t.threads} threads")
+        notes += _split_k_note(g)
     elif spec.gemm:
         g = spec.gemm(k.params)
         notes.append(f"GEMM M={g['M']} N={g['N']} K={g['K']}; block tile {t.BM}x{t.BN}x{t.BK}, "
                      f"{t.TM}x{t.TN} per thread, {t.threads} threads")
+        if "math_reason" in launch:
+            notes.append(f"not on tensor cores: {launch['math_reason']}")
         if g.get("split", 1) > 1:
             notes += _split_k_note(g)
         elif "batch" in g:
@@ -395,10 +568,14 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "",
         summed_pre=lambda old, bias: summed_pre(k.params, old, bias),
         global_case=lambda var: global_case(k.params, var),
         step_scalars=read_step_scalars(k, d),
+        # stage(v): a GEMM operand as the kernel's precision stages it (v itself for fp32)
+        stage=lambda value: stage_expr(param(k.params, "precision"), value),
     )
     try:
-        template = _CPU_TEMPLATES.get(k.op, "cpu_gemm.j2") if cpu else f"{spec.family}.j2"
-        text = _env().get_template(template).render(**ctx)
+        template = (_CPU_LOOP_TEMPLATES.get(k.op) or _CPU_TEMPLATES.get(k.op, "cpu_gemm.j2")) if cpu \
+            else f"{spec.family}.j2"
+        env = _mma_env() if isinstance(t, MmaTiles) else _env()
+        text = env.get_template(template).render(**ctx)
     except ConstantRangeError as e:
         raise CompileError(Diagnostic(f"layer '{k.layer}' needs the constant {e.args[0]:g} in its kernel "
                                       f"{k.name}, more than a 32-bit float holds", file,
