@@ -58,17 +58,36 @@ def cpu_device(request):
     return backend, {k.name: k for k in kernels}, cpu_source
 
 
+# the ops with a CPU kernel: the GEMM-shaped ones, and those that loop over planes or pixel vectors
+CPU_OPS = ("conv_fwd", "conv_bwd_data", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter",
+           "pool_fwd", "pool_bwd", "cmrnorm_fwd", "cmrnorm_bwd", "rnorm_fwd", "rnorm_bwd", "cnorm_meandiff",
+           "cnorm_fwd", "cnorm_bwd_prep", "cnorm_bwd")
+
+
 def test_the_cases_have_cpu_kernels():
-    """Every conv case (any stride, split-K too) and fc case of the GPU kernel matrix gets a CPU
-    kernel: work-groups of one, no barriers."""
+    """Every conv case (any stride, split-K too), fc, pooling and normalisation case of the GPU
+    kernel matrix gets a CPU kernel: work-groups of one, no barriers."""
     for width in WIDTHS:
         kernels = cpu_cases(width)
-        covered = [k for k in cases() if k.op in ("conv_fwd", "conv_bwd_data", "conv_bwd_filter",
-                                                   "fc_fwd", "fc_bwd_data", "fc_bwd_filter")]
+        covered = [k for k in cases() if k.op in CPU_OPS]
         assert [k.name for k in kernels] == [k.name for k in covered]
+        assert {k.op for k in kernels} == set(CPU_OPS)
         source, launches = render_source(kernels, opencl_cpu(width), "test", "", "cases")
         assert "barrier(" not in source and f"float{width} acc0_0" in source
+        assert f"vload{width}(0, x + at" in source         # cmrnorm: vectors of pixels
         assert all(launches[k.name]["block"] == [1, 1, 1] and launches[k.name]["width"] == width for k in kernels)
+
+
+def _run(backend, k, vals: dict) -> dict:
+    """Kernel `k`'s outputs on `backend` from inputs `vals`."""
+    handles = {}
+    for n in OPS[k.op].arg_names:
+        buf = Buffer(n, 0, vals[n].size, "f32", "test", "")
+        handles[n] = (buf, backend.alloc(buf, 0))
+        backend.upload(handles[n][1], vals[n])
+    backend.launch(k, 0, [handles[n][1] for n in OPS[k.op].arg_names])
+    return {n: backend.download(handles[n][1], handles[n][0])
+            for n, role in OPS[k.op].args if role in (Role.OUT, Role.INOUT)}
 
 
 @pytest.mark.parametrize("name", [k.name for k in cpu_cases(16)])
@@ -79,17 +98,42 @@ def test_cpu_kernel_matches_reference(cpu_device, name):
     vals = inputs_for(k, rng)
     ref = {n: v.copy() for n, v in vals.items()}
     REFERENCE_OPS[k.op](k.params, *[ref[n] for n in OPS[k.op].arg_names])
-    handles = {}
-    for n in OPS[k.op].arg_names:
-        buf = Buffer(n, 0, vals[n].size, "f32", "test", "")
-        handles[n] = (buf, backend.alloc(buf, 0))
-        backend.upload(handles[n][1], vals[n])
-    backend.launch(k, 0, [handles[n][1] for n in OPS[k.op].arg_names])
-    for n, role in OPS[k.op].args:
-        if role in (Role.OUT, Role.INOUT):
-            got = backend.download(handles[n][1], handles[n][0])
-            scale = max(float(np.abs(ref[n]).max()), 1.0)
-            np.testing.assert_allclose(got, ref[n], rtol=1e-4, atol=1e-5 * scale, err_msg=f"{k.op} {k.params}")
+    for n, got in _run(backend, k, vals).items():
+        scale = max(float(np.abs(ref[n]).max()), 1.0)
+        np.testing.assert_allclose(got, ref[n], rtol=1e-4, atol=1e-5 * scale, err_msg=f"{k.op} {k.params}")
+
+
+@pytest.fixture(scope="module")
+def gpu_shaped_device():
+    """A backend running the GPU-shaped kernels of the pooling cases on the same device."""
+    from cnnc.backends.opencl import OpenCLBackend
+    kernels = [k for k in cpu_cases(WIDTHS[0]) if k.op.startswith("pool")]
+    source, launches = render_source(kernels, OPENCL, "test", "", "GPU-shaped pooling cases")
+    for k in kernels:
+        k.launch["opencl"] = launches[k.name]
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CNNC_OPENCL_TARGET", "gpu")
+        backend = OpenCLBackend({0: source}, [0])
+    assert not backend.cpu
+    return backend, {k.name: k for k in kernels}
+
+
+@pytest.mark.parametrize("name", [k.name for k in cpu_cases(16) if k.op.startswith("pool")])
+def test_cpu_pooling_is_the_gpu_shaped_pooling_to_the_bit(cpu_device, gpu_shaped_device, name):
+    """Each input pixel adds its windows' terms in pool.j2's order, so the CPU kernels' gradients
+    (ties included: x holds repeated values) are the GPU-shaped kernels' bit for bit, every run."""
+    backend, kernels, _ = cpu_device
+    gpu_backend, gpu_kernels = gpu_shaped_device
+    rng = np.random.default_rng(stable_seed(name))
+    vals = inputs_for(kernels[name], rng)
+    vals["x"] = np.round(vals["x"] * 2).astype(np.float32)      # ties in most windows
+    if kernels[name].op == "pool_bwd":
+        REFERENCE_OPS["pool_fwd"](kernels[name].params, vals["x"], vals["y"])
+    want = _run(gpu_backend, gpu_kernels[name], vals)
+    for _ in range(2):
+        got = _run(backend, kernels[name], {n: v.copy() for n, v in vals.items()})
+        for n in want:
+            np.testing.assert_array_equal(got[n], want[n], err_msg=name)
 
 
 def test_compile_writes_cpu_kernels_of_the_chosen_width(tiny_cnn, tmp_path):
@@ -105,7 +149,8 @@ def test_compile_writes_cpu_kernels_of_the_chosen_width(tiny_cnn, tmp_path):
     assert "float8 acc0_0" in (narrow / "gpu0.cpu.cl").read_text()
     kernels = json.loads((narrow / "plan.json").read_text())["kernels"]
     cpu = [k for k in kernels if "opencl-cpu" in k["launch"]]
-    assert {k["op"] for k in cpu} == {"conv_fwd", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter"}
+    assert {k["op"] for k in cpu} == {"conv_fwd", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter",
+                                      "pool_fwd", "pool_bwd"}
     assert all(k["launch"]["opencl-cpu"]["width"] == 8 and k["launch"]["opencl-cpu"]["block"] == [1, 1, 1]
                for k in cpu)
 
