@@ -39,6 +39,7 @@ from cnnc.codegen.dialect import DIALECTS, OPENCL_CPU_NAME, Dialect, opencl_cpu
 from cnnc.codegen.occupancy import occupancy
 from cnnc.codegen.nvcc import NvccError, compile_cubins, find_nvcc, validate_arch
 from cnnc.codegen.render import cpu_kernel, render_source
+from cnnc.codegen.sass import SassUnavailable, sass_reports, tools_found
 from cnnc.diagnostics import CompileError, Diagnostic
 from cnnc.frontend.parser import parse, read_source
 from cnnc.ir import Network
@@ -119,7 +120,8 @@ def compile_network(source: str, file: str, out_dir: Path, archs: Sequence[str] 
         cpu = opencl_cpu(cpu_width)
     except ValueError as e:
         raise CompileError(Diagnostic(str(e), "--cpu-width")) from None
-    digest = _inputs_hash(source + f"\n#batch={batch}", archs, nvcc is not None, cpu_width)
+    sass = nvcc is not None and tools_found()      # installing cuobjdump later rebuilds
+    digest = _inputs_hash(source + f"\n#batch={batch}\n#sass={sass}", archs, nvcc is not None, cpu_width)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CompileError(Diagnostic("the output path exists and is not a directory", str(out_dir)))
@@ -179,6 +181,7 @@ def _build(source: str, file: str, out_dir: Path, archs: Sequence[str], nvcc: st
             write_atomic(scratch / name, text)
             produced.append(name)
         resources: dict = {}
+        sass: dict = {}                         # kernel -> arch -> instruction mix (cnnc.codegen.sass)
         if nvcc:
             for dev in plan.devices:
                 cu = scratch / f"gpu{dev}.cu"
@@ -195,10 +198,14 @@ def _build(source: str, file: str, out_dir: Path, archs: Sequence[str], nvcc: st
                     threads = plan.kernels[kname].launch["cuda"]["block"][0]
                     resources[kname] = {a: dict(r.to_json(), **occupancy(a, threads, r.registers, r.shared_bytes))
                                         for a, r in per_arch.items()}
+                try:
+                    sass.update(stage(f"sass gpu{dev}", sass_reports, result.outputs))
+                except SassUnavailable:
+                    pass                            # the manifest says "n/a"
         write_atomic(scratch / "plan.json", json.dumps(plan.to_json(), indent=1))
         produced.append("plan.json")
         hashes = {name: sha256_file(scratch / name) for name in produced}
-        manifest = _manifest(network, plan, file, digest, archs, nvcc, resources, hashes)
+        manifest = _manifest(network, plan, file, digest, archs, nvcc, resources, hashes, sass)
         write_atomic(scratch / "manifest.json", json.dumps(manifest, indent=1))
         (out_dir / "manifest.json").unlink(missing_ok=True)   # the old build stops looking complete
         for name in produced:
@@ -257,7 +264,7 @@ def _generate(plan: Plan, network: Network, cpu: Dialect) -> dict[str, str]:
 
 
 def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc, resources,
-              hashes: dict[str, str]) -> dict:
+              hashes: dict[str, str], sass: dict | None = None) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "cnnc_version": __version__,
@@ -277,7 +284,7 @@ def _manifest(network: Network, plan: Plan, file: str, digest: str, archs, nvcc,
                        for p in plan.parameters],
         "buffers_bytes": sum(b.nbytes for b in plan.buffers.values()),
         "kernels": {name: {"op": k.op, "layer": k.layer, "line": k.line, "launch": k.launch,
-                           "resources": resources.get(name, {})}
+                           "resources": resources.get(name, {}), "sass": (sass or {}).get(name, "n/a")}
                     for name, k in plan.kernels.items()},
         "files": list(hashes),
         "sha256": hashes,
