@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 from cnnc.backends.base import Backend, BackendError
-from cnnc.distributed import Transport, owned_devices
+from cnnc.distributed import CrossCopy, Receive, Transport, cross_rank_copies, owned_devices
 from cnnc.ir import Schedule
 from cnnc.ops import OPS, scalar_bits
 from cnnc.plan.schedule import Buffer, Op, Plan, StepScalar
@@ -117,6 +117,13 @@ class Executor:
         self.rank = transport.rank if transport is not None else 0
         self.local = {d for d, rank in self.owner.items() if rank == self.rank}
         self._recorders: dict[str, dict[str, int]] = {}
+        self._copies: dict[str, list[CrossCopy]] = {}      # program -> its copies between ranks
+        # (device, stream) -> this run's receives not yet written to the device, and the records
+        # after them, held back until they are: [("receive", Receive, op) | ("record", event)]
+        self._held: dict[tuple[int, str], list[tuple]] = {}
+        self._held_events: dict[str, tuple[int, str]] = {}
+        self._receives: dict[int, list[Receive]] = {}     # device -> this run's receives, in program order
+        self._sends_after: dict[tuple[int, int | None], list[CrossCopy]] = {}
         self.handles = self._allocate()
         self.host: dict[str, np.ndarray] = {}
         self.counters: dict[str, int] = {"seed": plan.seed, "step": 0}   # named integer scalars
@@ -254,11 +261,11 @@ class Executor:
     def _execute(self, device: int, op: Op, progress: float, recorders: dict[str, int]) -> None:
         b = self.backend
         if device not in self.local:
-            if op.kind == "copy" and self._is_local(op.src):
-                self._send_copy(device, op)
+            return                          # a copy to it left when its source was final (`_post_sends`)
+        if self._held and self._hold(device, op):
             return
         if op.kind == "copy" and not self._is_local(op.src):
-            self._receive_copy(op)
+            self._receive_copy(device, op)
         elif op.kind == "wait" and recorders[op.event] not in self.local:
             pass                            # the message carrying the data is the synchronisation
         elif op.kind == "launch":
@@ -280,18 +287,99 @@ class Executor:
         else:
             raise ExecutionError(f"unknown op kind {op.kind!r}")
 
-    def _send_copy(self, device: int, op: Op) -> None:
+    # -- copies between ranks -----------------------------------------------------------
+    # A copy's source leaves its rank as soon as the last write before it is issued
+    # (`cross_rank_copies`), and its destination is written only when something on the
+    # destination's device needs it: a later op on the copy's stream that touches the same
+    # storage, or a wait for a record after it.  So a layer's gradient is on the wire while
+    # the layers below compute theirs, and no rank waits for a message before it must.
+
+    def _start_messages(self, program: str) -> None:
+        """A run begins: post every receive of this rank's devices, and the sends whose
+        sources no write of this run precedes."""
+        if program not in self._copies:
+            self._copies[program] = cross_rank_copies(self.plan, program, self.owner)
+        self._receives, self._sends_after, self._held, self._held_events = {}, {}, {}, {}
+        ops = self.plan.programs[program]
+        first = []
+        for copy in self._copies[program]:
+            op = ops[copy.device][copy.index]
+            if copy.device in self.local:
+                dst = self.plan.buffers[op.dst]
+                values = np.empty(op.count, np.int32 if dst.dtype == "i32" else np.float32)
+                self._receives.setdefault(copy.device, []).append(self.transport.receive_array(
+                    values, self.owner[copy.source], copy.tag,
+                    f"{op.src} (logical device {copy.source}) for {op.dst}"))
+            elif copy.source in self.local and copy.after is None:
+                first.append(copy)
+            elif copy.source in self.local:
+                self._sends_after.setdefault((copy.source, copy.after), []).append(copy)
+        for copy in first:
+            self._send_copy(program, copy)
+
+    def _post_sends(self, program: str, device: int, index: int) -> None:
+        """Send the copies whose sources became final with op `index` of `device`."""
+        for copy in self._sends_after.pop((device, index), ()):
+            self._send_copy(program, copy)
+
+    def _send_copy(self, program: str, copy: CrossCopy) -> None:
         """The source half of a copy to another rank's device: the values after everything
         issued on the source's device so far (a download waits for that, and for nothing else)."""
+        op = self.plan.programs[program][copy.device][copy.index]
+        for stream in [q for q in self._held if q[0] == copy.source]:
+            self._release(stream)           # a held receive may have written the source
         values = self.read(op.src)[op.src_offset:op.src_offset + op.count]
-        self.transport.send(np.array(values), self.owner[device])
+        self.transport.send_array(np.ascontiguousarray(values), self.owner[copy.device], copy.tag)
 
-    def _receive_copy(self, op: Op) -> None:
-        """The destination half of a copy from another rank's device, staged through the host."""
-        src = self.plan.buffers[op.src].device
-        values = self.transport.recv(self.owner[src], f"{op.src} (logical device {src}) for {op.dst}")
-        # only the copy's range, on the copy's stream: the rest of dst may be in use meanwhile
-        self.backend.upload(self.handles[op.dst], values, op.stream, op.dst_offset)
+    def _receive_copy(self, device: int, op: Op) -> None:
+        """The destination half of a copy from another rank's device: held until needed."""
+        self._held.setdefault((device, op.stream), []).append(("receive", self._receives[device].pop(0), op))
+
+    def _hold(self, device: int, op: Op) -> bool:
+        """Order `op` after the held receives it depends on; True when `op` is itself held
+        (a record after a held receive on its stream, issued once the receive is written)."""
+        stream = (device, op.stream)
+        if op.kind == "wait":
+            if op.event in self._held_events:
+                self._release(self._held_events[op.event], op.event)
+            return False
+        held = self._held.get(stream)
+        if not held:
+            return False
+        if op.kind == "record":
+            held.append(("record", op.event))
+            self._held_events[op.event] = stream
+            return True
+        if op.kind == "copy" and not self._is_local(op.src):
+            return False
+        touched = {self.plan.buffers[b].storage for b in (*op.reads(), op.dst) if b}
+        if any(entry[0] == "receive" and self.plan.buffers[entry[2].dst].storage in touched for entry in held):
+            self._release(stream)
+        return False
+
+    def _release(self, stream: tuple[int, str], event: str | None = None) -> None:
+        """Write the held receives of `stream` into device memory, and issue the records held
+        behind them: all of them, or up to `event`."""
+        held = self._held.get(stream, [])
+        while held:
+            entry = held.pop(0)
+            if entry[0] == "receive":
+                _, receive, op = entry
+                # only the copy's range, on the copy's stream: the rest of dst may be in use meanwhile
+                for at, values in receive.chunks():
+                    self.backend.upload(self.handles[op.dst], values, op.stream, op.dst_offset + at)
+            else:
+                self.backend.record(entry[1], stream[0], stream[1])
+                del self._held_events[entry[1]]
+                if entry[1] == event:
+                    break
+        if not held:
+            self._held.pop(stream, None)
+
+    def _finish_messages(self) -> None:
+        """A run ends: every receive is written, every held record issued."""
+        for stream in list(self._held):
+            self._release(stream)
 
     def run(self, program: str, progress: float = 0.0, timer=None) -> None:
         """Run one program: the ops of each of the order's queues in program order, honouring
@@ -317,6 +405,8 @@ class Executor:
             return op.kind != "wait" or op.event in recorded
 
         order.begin(program)
+        if self.transport is not None:
+            self._start_messages(program)
         current = 0
         for _ in range(sum(len(ops) for ops in queues)):
             current = order.choose(ready, len(queues), current)
@@ -336,6 +426,10 @@ class Executor:
                 timer(dev, op, time.perf_counter() - t0)
             if op.kind == "record":
                 recorded.add(op.event)
+            if self._sends_after:
+                self._post_sends(program, dev, index)
+        if self.transport is not None:
+            self._finish_messages()
 
     def _split(self, program: str, order: InOrder) -> tuple[list[Hashable], list[list[tuple[int, int, Op]]]]:
         """The program cut into the order's queues of (device, index in its program, op), each

@@ -62,12 +62,12 @@ def builds(tmp_path_factory) -> dict[str, Path]:
 
 
 def cnnc_run(build: Path, save: Path, backend: str, ranks: int, *extra: str,
-             steps: int = 3) -> subprocess.CompletedProcess:
+             steps: int = 3, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`cnnc run` for `steps` steps, under `mpiexec -n ranks` unless ranks is 1."""
     launch = [str(MPIEXEC), "-n", str(ranks)] if ranks > 1 else []
     return subprocess.run([*launch, str(CNNC), "run", str(build), "--backend", backend, "--steps", str(steps),
                            "--no-test", "-q", "--save-dir", str(save), *extra],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, **(env or {})))
 
 
 def weights(save: Path) -> dict[str, np.ndarray]:
@@ -84,7 +84,9 @@ def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
 def test_reference_ranks_train_bitwise_alike(builds, tmp_path: Path) -> None:
     runs = {}
     for ranks in (1, 2, 4):
-        r = cnnc_run(builds["placed"], tmp_path / f"r{ranks}", "reference", ranks, *GPUS)
+        # on 4 ranks every message of more than 64 floats travels in chunks
+        chunked = {"CNNC_MPI_CHUNK_BYTES": "256"} if ranks == 4 else None
+        r = cnnc_run(builds["placed"], tmp_path / f"r{ranks}", "reference", ranks, *GPUS, env=chunked)
         assert r.returncode == 0, r.stderr
         runs[ranks] = weights(tmp_path / f"r{ranks}")
         first = r.stdout.splitlines()[0]
@@ -97,6 +99,21 @@ def test_reference_ranks_train_bitwise_alike(builds, tmp_path: Path) -> None:
     assert single.returncode == 0, single.stderr
     for name, value in weights(tmp_path / "single").items():
         np.testing.assert_allclose(runs[4][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_trace_under_mpi_has_one_timeline_per_rank(builds, tmp_path: Path) -> None:
+    """Rank 0 writes one trace: each rank a process (pid), each of its devices' streams a thread."""
+    r = cnnc_run(builds["placed"], tmp_path / "t", "reference", 2, *GPUS, "--trace", str(tmp_path / "t.json"),
+                 steps=3)
+    assert r.returncode == 0, r.stderr
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    devices = {(e["pid"], e["args"]["device"]) for e in events if e["ph"] == "X"}
+    assert devices == {(0, 0), (0, 1), (1, 2), (1, 3)}
+    threads = {e["pid"]: set() for e in events}
+    for e in events:
+        if e["name"] == "thread_name":
+            threads[e["pid"]].add(e["args"]["name"].split()[1])
+    assert threads == {0: {"0", "1"}, 1: {"2", "3"}}
 
 
 def test_resuming_with_another_rank_count_is_bitwise(builds, tmp_path: Path) -> None:
@@ -193,3 +210,135 @@ def test_divergence_under_mpi_stops_every_rank(tmp_path: Path) -> None:
     assert "error: training diverged at step 2 (epoch 1): the loss is inf; run it as one process to find the " \
            "first non-finite value" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- overlap: proven by the order of events on each rank, in one process -------------------
+
+DATA_PARALLEL = """
+network dp2
+input data: 1x8x8
+input labels: label(10)
+train { batch = 8; epochs = 1; seed = 3; lr = 0.05; momentum = 0.9; weight_decay = 0.0005; init_w = 0.1 }
+@gpu(0,1) conv1 = conv(data, filters=4, size=3, padding=1) relu
+@gpu(0,1) conv2 = conv(conv1, filters=4, size=3, padding=1) relu
+@gpu(0,1) fc3 = fc(conv2, outputs=10)
+@gpu(0,1) probs = softmax(fc3)
+@gpu(0,1) cost = logreg(labels, probs)
+"""
+
+
+class _Arrival:
+    def __init__(self, queue, values, peer, tag, log):
+        self.queue, self.values, self.peer, self.tag, self.log = queue, values, peer, tag, log
+
+    def chunks(self):
+        at = 0
+        while at < self.values.size:
+            chunk = self.queue.get(timeout=30)
+            self.values[at:at + chunk.size] = chunk
+            yield at, self.values[at:at + chunk.size]
+            at += chunk.size
+        self.log.append(("received", self.tag))
+
+
+class RecordingTransport:
+    """Two ranks as two threads: messages through queues (per sender, receiver and tag, so in
+    order as MPI keeps them), and each rank's sends and completed receives in its log."""
+
+    def __init__(self, rank: int, size: int, queues: dict, log: list, chunk: int = 100):
+        self.rank, self.size, self.queues, self.log, self.chunk = rank, size, queues, log, chunk
+
+    def _queue(self, key):
+        import queue
+        return self.queues.setdefault(key, queue.Queue())
+
+    def send_array(self, values, peer, tag):
+        self.log.append(("send", tag))
+        for at in range(0, values.size, self.chunk):
+            self._queue((self.rank, peer, tag)).put(values[at:at + self.chunk].copy())
+
+    def receive_array(self, values, peer, tag, what):
+        return _Arrival(self._queue((peer, self.rank, tag)), values, peer, tag, self.log)
+
+    def allgather(self, value, what):
+        for peer in range(self.size):
+            if peer != self.rank:
+                self._queue((self.rank, peer, "all")).put(value)
+        return [value if p == self.rank else self._queue((p, self.rank, "all")).get(timeout=30)
+                for p in range(self.size)]
+
+
+def _train_as_two_threads(plan, x, y):
+    """One training step of `plan` as two ranks in two threads; each rank's log of sends,
+    completed receives and kernel launches, and its parameters after the step."""
+    import threading
+    from cnnc.backends.reference import ReferenceBackend
+    from cnnc.executor import Executor
+
+    queues, logs, params, errors = {}, [[], []], [None, None], []
+
+    class Recording(ReferenceBackend):
+        def __init__(self, log):
+            super().__init__()
+            self.log = log
+
+        def launch(self, kernel, device, args, stream="compute"):
+            self.log.append(("launch", kernel.name))
+            super().launch(kernel, device, args, stream)
+
+    def rank(r):
+        try:
+            ex = Executor(plan, Recording(logs[r]), transport=RecordingTransport(r, 2, queues, logs[r]))
+            ex.train_step(x, y, 0.0)
+            params[r] = ex.parameters()
+        except Exception as e:       # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return logs, params
+
+
+def test_a_layers_gradient_leaves_before_the_layers_below_compute(tmp_path: Path) -> None:
+    """Rank 1 sends its share of fc3's weight gradient to rank 0 before it launches conv2's
+    backward; rank 0 writes it into its device only after launching its own conv2 backward
+    (when the exchange needs it): the message is in flight while the layer below computes."""
+    import json as _json
+    from cnnc.distributed import cross_rank_copies
+    from cnnc.executor import Executor
+    from cnnc.backends.reference import ReferenceBackend
+    from cnnc.plan.schedule import Plan
+
+    compile_network(DATA_PARALLEL, "dp.cnn", tmp_path / "dp", use_nvcc=False)
+    plan = Plan.from_json(_json.loads((tmp_path / "dp" / "plan.json").read_text()))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((plan.batch, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, plan.batch).astype(np.int32)
+    logs, params = _train_as_two_threads(plan, x, y)
+
+    train = plan.programs["train"]
+    fc3_grad = [c.tag for c in cross_rank_copies(plan, "train", {0: 0, 1: 1})
+                if c.source == 1 and train[c.device][c.index].src == "fc3.weights.grad.r1"
+                and train[c.device][c.index].dst == "fc3.weights.grad.stage@0"]
+    assert fc3_grad
+    conv2_backward = {plan.kernels[op.kernel].name for op in train[0]
+                      if op.kind == "launch" and op.phase == "backward" and plan.kernels[op.kernel].layer == "conv2"}
+    assert conv2_backward
+
+    def first(log, event):
+        return next(i for i, e in enumerate(log) if e == event)
+
+    def first_launch(log, names):
+        return next(i for i, e in enumerate(log) if e[0] == "launch" and e[1] in names)
+
+    for tag in fc3_grad:
+        assert first(logs[1], ("send", tag)) < first_launch(logs[1], conv2_backward)
+        assert first(logs[0], ("received", tag)) > first_launch(logs[0], conv2_backward)
+    one = Executor(plan, ReferenceBackend())
+    one.train_step(x, y, 0.0)
+    assert_bitwise_equal(one.parameters(), params[0])
+    assert_bitwise_equal(one.parameters(), params[1])
