@@ -27,7 +27,7 @@ from cnnc.build_dir import BuildError, build_lock
 from cnnc.diagnostics import CompileError
 from cnnc.distributed import DEFAULT_TIMEOUT, STEP_TIMEOUTS, CommError, abort_on_failure, launched_rank
 from cnnc.perf import PerfError
-from cnnc.perf.trace import TRACE_STEPS, TRACE_WARMUP, StepRecorder
+from cnnc.perf.trace import TRACE_STEPS, TRACE_WARMUP, StepRecorder, ranks_trace
 from cnnc.train.data import DataError
 from cnnc.train.health import TrainingDiverged
 from cnnc.train.weights import WeightsError
@@ -285,18 +285,25 @@ def _machine(name: str, machine_file: Path | None):
               help="Machine model of --roofline: k20, k20x, titanx, v100, a100, h100, h200, cpu, or one of "
                    "--machine-file.")
 @_machine_options
+@click.option("--ranks", type=int, default=None, metavar="R",
+              help="Also show the plan run as R MPI ranks: the logical devices each owns and the bytes "
+                   "per step between ranks.")
 @_guard
-def plan(build_dir: Path, as_json: bool, roofline: bool, machine_name: str | None, machine_file: Path | None) -> None:
+def plan(build_dir: Path, as_json: bool, roofline: bool, machine_name: str | None, machine_file: Path | None,
+         ranks: int | None) -> None:
     """Show the schedule of a build directory: per device, its kernels in order."""
     from cnnc.build import open_build
-    from cnnc.plan.summary import summarize, format_summary
+    from cnnc.plan.summary import format_sass, summarize, format_summary
 
     if roofline and machine_name is None:
         _fail("error: --roofline needs --machine NAME (e.g. --machine h100)")
     p, manifest = open_build(build_dir)
+    blocks = _rank_blocks(p, ranks)
     if machine_name is None:
         s = summarize(p, manifest)
-        click.echo(json.dumps(s, indent=1) if as_json else format_summary(s))
+        _add_ranks(s, blocks)
+        click.echo(json.dumps(s, indent=1) if as_json else format_summary(s) + "\n\n" + format_sass(s)
+                   + _ranks_text(s))
         return
     from cnnc.perf.roofline import format_rooflines, layer_rooflines, plan_rooflines
 
@@ -306,9 +313,38 @@ def plan(build_dir: Path, as_json: bool, roofline: bool, machine_name: str | Non
     if as_json:
         s = summarize(p, manifest, rooflines)
         s["roofline"] = {"machine": m.name, "ridge_intensity": m.ridge_intensity, "layers": layers}
+        _add_ranks(s, blocks)
         click.echo(json.dumps(s, indent=1))
     else:
-        click.echo(format_rooflines(p, m, layers))
+        s = summarize(p, manifest, rooflines)
+        _add_ranks(s, blocks)
+        click.echo(format_rooflines(p, m, layers) + "\n\n" + format_sass(s, (m.arch, m.kernel_arch), m.peak_flops)
+                   + _ranks_text(s))
+
+
+def _rank_blocks(p, ranks: int | None) -> list[list[int]] | None:
+    """Each rank's logical devices as `mpiexec -n R cnnc run` would share them out (a user's
+    R that cannot share them is refused in one line)."""
+    from cnnc.distributed import owned_devices
+
+    if ranks is None:
+        return None
+    if ranks < 1:
+        _fail(f"error: --ranks must be at least 1, got {ranks}")
+    return [owned_devices(p.devices, r, ranks) for r in range(ranks)]
+
+
+def _add_ranks(s: dict, blocks: list[list[int]] | None) -> None:
+    from cnnc.plan.summary import rank_summary
+
+    if blocks is not None:
+        s["ranks"] = rank_summary(s, blocks)
+
+
+def _ranks_text(s: dict) -> str:
+    from cnnc.plan.summary import format_ranks
+
+    return "\n\n" + format_ranks(s["ranks"]) if "ranks" in s else ""
 
 
 @main.command()
@@ -323,23 +359,34 @@ def plan(build_dir: Path, as_json: bool, roofline: bool, machine_name: str | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the simulated step as Chrome trace-event JSON (opens in Perfetto).")
+@click.option("--ranks", type=int, default=None, metavar="R",
+              help="Run as R MPI ranks, each on its own node (--devices then counts a node's devices): "
+                   "copies between ranks go over --network.")
+@click.option("--network", "network_name", default=None, metavar="LINK",
+              help="Link between the nodes of --ranks (infiniband-ndr, ethernet-100g, ...) "
+                   "[default: infiniband-ndr].")
 @_guard
 def simulate(build_dir: Path, machine_name: str, machine_file: Path | None, devices: int | None,
-             link_name: str | None, as_json: bool, trace_file: Path | None) -> None:
+             link_name: str | None, as_json: bool, trace_file: Path | None, ranks: int | None,
+             network_name: str | None) -> None:
     """Predict one training step of a build on a machine model: a discrete-event simulation of
     the plan's streams, events, copies and uploads."""
     from cnnc.build import open_build
     from cnnc.perf.machine import catalogue, link
     from cnnc.perf.roofline import plan_rooflines
-    from cnnc.perf.simulate import format_report, report, simulate_plan
+    from cnnc.perf.simulate import DEFAULT_NETWORK, format_report, report, simulate_plan
     from cnnc.perf.trace import to_trace
 
+    if network_name is not None and ranks is None:
+        _fail("error: --network is the link between the nodes of --ranks: give --ranks R too")
     p, manifest = open_build(build_dir)
+    blocks = _rank_blocks(p, ranks)
     m = _machine(machine_name, machine_file)
     peer = link(link_name, catalogue(machine_file)) if link_name else None
-    n = devices or max(p.programs["train"]) + 1
-    sim = simulate_plan(p, m, plan_rooflines(p, m, manifest), n, peer)
-    r = report(sim, p, m, n)
+    network = link(network_name or DEFAULT_NETWORK, catalogue(machine_file)) if blocks else None
+    n = devices or (len(blocks[0]) if blocks else max(p.programs["train"]) + 1)
+    sim = simulate_plan(p, m, plan_rooflines(p, m, manifest), n, peer, ranks=blocks, network=network)
+    r = report(sim, p, m, n, ranks, network)
     if trace_file is not None:
         trace_file.write_text(json.dumps(to_trace(sim, f"{m.name}, predicted")))
     click.echo(json.dumps(r, indent=1) if as_json else format_report(r))
@@ -486,8 +533,6 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
                            f"was given): add --backend reference")
     p, manifest = open_build(build_dir)
     transport = transport_for_launch(comm_timeout)
-    if trace_file and transport is not None:
-        raise click.UsageError("--trace times one process's ops: run it without mpiexec")
     if stream_order is not None and transport is not None:
         raise click.UsageError("--stream-order random checks one process's streams: run it without mpiexec")
     if transport is not None:
@@ -538,7 +583,12 @@ def run(build_dir: Path, gpus: list[int], backend: str, epochs: int | None, data
                         build_hash=manifest["inputs_hash"], transport=transport,
                         step_timer=recorder.next_step if recorder else None, color_noise=color_noise,
                         multiview=multiview_test)
-    if recorder is not None:
+    if recorder is not None and transport is not None:      # every rank's spans, written by rank 0
+        spans = transport.allgather(recorder.spans, "the other ranks' traces")
+        transport.finish()
+        if transport.root:
+            trace_file.write_text(json.dumps(ranks_trace(spans, f"{be.describe()}, measured")))
+    elif recorder is not None:
         trace_file.write_text(json.dumps(recorder.trace(f"{be.describe()}, measured")))
         recorded = min(max(recorder.started - TRACE_WARMUP, 0), TRACE_STEPS)
         say(f"trace: {trace_file} ({recorded} steps after {TRACE_WARMUP} warm-up steps)")

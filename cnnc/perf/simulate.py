@@ -6,7 +6,9 @@ ops on that stream.  `record` marks an event when everything before it on its st
 compute engine, copies between two physical devices the link from one to the other, copies
 within one the device's copy engine, and uploads the host's link to the device; an op starts
 when its stream is ready and every resource it needs is free, earliest first.  Logical devices
-share a physical one (`devices` below the plan's count) by sharing its resources.
+share a physical one (`devices` below the plan's count) by sharing its resources.  Run as MPI
+ranks (`ranks`), each rank is a node of its own, and a copy between two ranks is a message over
+the network link that leaves when its source is final, as the executor sends it.
 
 The core, `simulate`, takes the programs and a cost function, so that schedules written by hand
 (tests) and a plan's (`simulate_plan`) run through the same code.
@@ -14,13 +16,14 @@ The core, `simulate`, takes the programs and a cost function, so that schedules 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from cnnc.perf import PerfError
 from cnnc.perf.machine import Link, Machine
 from cnnc.plan.schedule import Op
 
 STREAMS = ("compute", "copy-in")      # the plan's streams, in the order a trace shows them
+DEFAULT_NETWORK = "infiniband-ndr"    # the link between the nodes of `cnnc simulate --ranks` unless named
 
 
 class SimulationError(PerfError):
@@ -176,10 +179,16 @@ def op_label(op: Op) -> tuple[str, str]:
     return op.kind, "communication"
 
 
-def plan_cost(plan, machine: Machine, physical: dict[int, int], rooflines: dict[str, dict],
-              peer_link: Link | None = None) -> Callable[[int, Op], Activity | None]:
+def plan_cost(plan, machine: Machine, physical: dict[int, Any], rooflines: dict[str, dict],
+              peer_link: Link | None = None, rank: dict[int, int] | None = None,
+              network: Link | None = None, sends: bool = False) -> Callable[[int, Op], Activity | None]:
     """The cost function of a plan's ops on `machine`, logical device d running on physical
-    device physical[d]."""
+    device physical[d]; with `rank` (logical device -> MPI rank, one node each), a copy between
+    two ranks' devices is a host-staged message over `network`: down the source's host link,
+    across the network, up the destination's host link, one after the other, holding the
+    source node's network port out and the destination's port in.  With `sends` (programs from
+    `_early_sends`), the message is its own op on the source's side, and the copy op left in
+    the destination's program only the last hop."""
     link = peer_link or machine.peer_link
 
     def cost(dev: int, op: Op) -> Activity | None:
@@ -187,6 +196,19 @@ def plan_cost(plan, machine: Machine, physical: dict[int, int], rooflines: dict[
         name, category = op_label(op)
         if op.kind == "launch":
             return Activity(rooflines[op.kernel]["time_us"] * 1e-6, (("compute", here),), category, name)
+        if op.kind == "copy" and op.stream.startswith(SEND):    # a message, on its source's rank (`_early_sends`)
+            nbytes, there = 4 * op.count, rank[int(op.stream.split()[1])]
+            return Activity(machine.host_link.seconds(nbytes) + network.seconds(nbytes),
+                            (("network out", rank[dev]), ("network in", there)), category,
+                            f"send {op.src} -> {op.dst} (rank {rank[dev]} -> {there})")
+        if op.kind == "copy" and rank is not None and rank[plan.buffers[op.src].device] != rank[dev]:
+            nbytes, source = 4 * op.count, rank[plan.buffers[op.src].device]
+            if sends:                           # the message has arrived: up the host link
+                return Activity(machine.host_link.seconds(nbytes), (("host", here),), category,
+                                f"{name} (from rank {source})")
+            seconds = 2 * machine.host_link.seconds(nbytes) + network.seconds(nbytes)
+            return Activity(seconds, (("network out", source), ("network in", rank[dev])), category,
+                            f"{name} (rank {source} -> {rank[dev]})")
         if op.kind == "copy":
             nbytes = 4 * op.count
             there = physical[plan.buffers[op.src].device]
@@ -202,20 +224,69 @@ def plan_cost(plan, machine: Machine, physical: dict[int, int], rooflines: dict[
 
 
 def simulate_plan(plan, machine: Machine, rooflines: dict[str, dict], devices: int | None = None,
-                  peer_link: Link | None = None, program: str = "train") -> Simulation:
+                  peer_link: Link | None = None, program: str = "train", ranks: list[list[int]] | None = None,
+                  network: Link | None = None) -> Simulation:
     """One step of `program` with the plan's logical devices spread round-robin over `devices`
-    physical ones (default: one each)."""
+    physical ones (default: one each); with `ranks` (each rank's logical devices, as the
+    executor shares them out), every rank on its own node of `devices` physical devices, and
+    the copies between ranks over `network`."""
     logical = sorted(plan.programs[program])
     n = devices or (max(logical) + 1 if logical else 1)
-    physical = {d: d % n for d in logical}
-    return simulate(plan.programs[program], plan_cost(plan, machine, physical, rooflines, peer_link))
+    rank = {d: r for r, block in enumerate(ranks) for d in block} if ranks else None
+    physical = {d: (rank[d], d % n) if rank else d % n for d in logical}
+    if not rank:
+        return simulate(plan.programs[program], plan_cost(plan, machine, physical, rooflines, peer_link))
+    programs, places = _early_sends(plan, program, rank)
+    sim = simulate(programs, plan_cost(plan, machine, physical, rooflines, peer_link, rank, network, sends=True))
+    for span in sim.spans:                # spans name ops by their place in the plan's programs
+        span.index = places[span.device][span.index]
+    return sim
 
 
-def report(sim: Simulation, plan, machine: Machine, devices: int) -> dict:
+SEND = "send"                             # streams `send <destination device> <n>`: one message each
+
+
+def _early_sends(plan, program: str, rank: dict[int, int]) -> tuple[dict[int, list[Op]], dict[int, list[int]]]:
+    """The programs as the executor runs them between ranks: each copy between ranks's message
+    leaves as soon as the last write to its source before the copy is done (on a stream of its
+    own on the source's device, after a record put right behind that write), and the copy op
+    waits for its arrival and then writes device memory.  Also, per device, the place in the
+    plan's program of every op of the new one (a message: its copy op's place)."""
+    from cnnc.distributed import cross_rank_copies
+
+    ops = plan.programs[program]
+    before: dict[tuple[int, int], list[Op]] = {}       # (device, index) -> ops to put in front of it
+    behind: dict[tuple[int, int], list[Op]] = {}       # ... right behind it
+    added: dict[int, list[tuple[int, Op]]] = {}        # device -> its messages' ops, with their places
+    for copy in cross_rank_copies(plan, program, rank):
+        op = ops[copy.device][copy.index]
+        sent, arrived = f"{SEND}:{copy.tag}", f"{SEND}:{copy.tag}:arrived"
+        stream = f"{SEND} {copy.device} {copy.tag}"
+        message = [Op("copy", stream=stream, src=op.src, dst=op.dst, count=op.count, phase=op.phase),
+                   Op("record", stream=stream, event=arrived)]
+        if copy.after is not None:
+            after = ops[copy.source][copy.after]
+            behind.setdefault((copy.source, copy.after), []).append(Op("record", stream=after.stream, event=sent))
+            message.insert(0, Op("wait", stream=stream, event=sent))
+        added.setdefault(copy.source, []).extend((copy.index, m) for m in message)
+        before.setdefault((copy.device, copy.index), []).append(Op("wait", stream=op.stream, event=arrived))
+    programs, places = {}, {}
+    for d, program_ops in ops.items():
+        mine = []
+        for i, op in enumerate(program_ops):
+            mine += [(i, o) for o in before.get((d, i), []) + [op] + behind.get((d, i), [])]
+        mine += added.get(d, [])
+        places[d], programs[d] = [i for i, _ in mine], [o for _, o in mine]
+    return programs, places
+
+
+def report(sim: Simulation, plan, machine: Machine, devices: int, ranks: int | None = None,
+           network: Link | None = None) -> dict:
     """What `cnnc simulate --json` prints."""
     ms = 1e3
+    over = {"ranks": ranks, "network_link": network.name} if ranks else {}
     return {
-        "network": plan.network, "machine": machine.name, "devices": devices, "batch": plan.batch,
+        "network": plan.network, "machine": machine.name, "devices": devices, **over, "batch": plan.batch,
         "step_ms": sim.step_s * ms, "images_per_s": plan.batch / sim.step_s if sim.step_s else None,
         "per_device": [{"logical": d, "compute_ms": t["compute_s"] * ms, "communication_ms": t["communication_s"] * ms,
                         "idle_ms": t["idle_s"] * ms} for d, t in sim.device_times().items()],
@@ -226,7 +297,8 @@ def report(sim: Simulation, plan, machine: Machine, devices: int) -> dict:
 
 
 def format_report(r: dict) -> str:
-    out = [f"{r['network']} on {r['devices']} x {r['machine']}, batch {r['batch']}: predicted "
+    over = f" per node, {r['ranks']} ranks over {r['network_link']}" if r.get("ranks") else ""
+    out = [f"{r['network']} on {r['devices']} x {r['machine']}{over}, batch {r['batch']}: predicted "
            f"{r['step_ms']:.3f} ms per step, {r['images_per_s']:,.0f} images/s",
            f"  {'device':>6} {'compute ms':>11} {'comm ms':>9} {'idle ms':>9}"]
     for d in r["per_device"]:

@@ -17,14 +17,35 @@ def to_trace(sim: Simulation, label: str = "cnnc simulate") -> dict:
     for dev in sorted({s.device for s in sim.spans}):
         events.append({"name": "process_name", "ph": "M", "pid": dev, "tid": 0,
                        "args": {"name": f"device {dev} ({label})"}})
-        for stream in sorted({s.stream for s in sim.spans if s.device == dev}, key=_tid):
-            events.append({"name": "thread_name", "ph": "M", "pid": dev, "tid": _tid(stream),
-                           "args": {"name": stream}})
+        threads = {_tid(s.stream): s.stream if s.stream in STREAMS else "messages to other ranks"
+                   for s in sim.spans if s.device == dev}
+        for tid, name in sorted(threads.items()):
+            events.append({"name": "thread_name", "ph": "M", "pid": dev, "tid": tid, "args": {"name": name}})
     critical = set(sim.critical_path)
     for i, s in enumerate(sim.spans):
         events.append({"name": s.name, "cat": s.category, "ph": "X", "ts": s.start * 1e6,
                        "dur": (s.end - s.start) * 1e6, "pid": s.device, "tid": _tid(s.stream),
                        "args": {"phase": s.phase, "op": s.index, "critical": i in critical}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def ranks_trace(spans: list[list[Span]], label: str = "measured") -> dict:
+    """One trace of a run under MPI: one process per rank (`pid` the rank), one thread per
+    (logical device, stream) of that rank.  Each rank's clock starts with its own first
+    recorded step; the ranks start a step within a message's time of each other."""
+    events = []
+    for rank, mine in enumerate(spans):
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
+                       "args": {"name": f"rank {rank} ({label})"}})
+        threads = {(s.device, s.stream) for s in mine}
+        tid = {q: i for i, q in enumerate(sorted(threads, key=lambda q: (q[0], _tid(q[1]))))}
+        for (device, stream), t in tid.items():
+            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": t,
+                           "args": {"name": f"device {device} {stream}"}})
+        for s in mine:
+            events.append({"name": s.name, "cat": s.category, "ph": "X", "ts": s.start * 1e6,
+                           "dur": (s.end - s.start) * 1e6, "pid": rank, "tid": tid[(s.device, s.stream)],
+                           "args": {"phase": s.phase, "op": s.index, "device": s.device}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

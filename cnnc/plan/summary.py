@@ -5,7 +5,8 @@ Per logical device: its training program in order (kernels with the DSL line
 they implement, launch geometry and, when nvcc ran, registers, shared memory
 and spills; copies; events), memory by role, arithmetic per step.  Per step:
 bytes moved between each pair of devices, split into activation/gradient
-traffic and the gradient collectives.
+traffic and the gradient collectives.  `format_sass` adds, per layer, what each kernel's main
+loop executes, from the SASS analysis cnnc compile records (cnnc/codegen/sass.py).
 """
 from __future__ import annotations
 
@@ -45,12 +46,16 @@ def summarize(plan: Plan, manifest: dict | None = None, rooflines: dict | None =
     """The plan's account; with `rooflines` (kernel name -> roofline object, from the
     performance analysis) every launch carries its kernel's."""
     resources = {name: k.get("resources", {}) for name, k in (manifest or {}).get("kernels", {}).items()}
+    sass = {name: k.get("sass", "n/a") for name, k in (manifest or {}).get("kernels", {}).items()}
     devices = []
     moved: dict[tuple[int, int], int] = defaultdict(int)
     collective: dict[tuple[int, int], int] = defaultdict(int)
     allocated = storage_bytes(plan)
     for dev, ops in plan.programs["train"].items():
         rows = [_describe(op, plan, resources, rooflines) for op in ops]
+        for row in rows:
+            if row["op"] == "launch":
+                row["sass"] = sass.get(row["kernel"], "n/a")
         for op, row in zip(ops, rows):
             if op.kind == "copy" and row["src_device"] != dev:
                 table = collective if op.phase == "exchange" else moved
@@ -73,6 +78,35 @@ def summarize(plan: Plan, manifest: dict | None = None, rooflines: dict | None =
                        "collective_bytes": collective.get((a, b), 0)} for a, b in pairs],
         "peak_memory_bytes": {d["logical"]: d["peak_memory_bytes"] for d in devices},
     }
+
+
+def rank_summary(s: dict, blocks: list[list[int]]) -> dict:
+    """The plan run as `len(blocks)` MPI ranks, rank r owning logical devices blocks[r]: per
+    pair of ranks the bytes per step that cross the network, summed from the per-device-pair
+    `transfers` (copies between two devices of one rank stay on that node)."""
+    rank_of = {d: r for r, devices in enumerate(blocks) for d in devices}
+    pairs: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])
+    for t in s["transfers"]:
+        a, b = rank_of[t["from"]], rank_of[t["to"]]
+        if a != b:
+            pairs[(a, b)][0] += t["activation_bytes"]
+            pairs[(a, b)][1] += t["collective_bytes"]
+    return {"count": len(blocks), "devices": [list(d) for d in blocks],
+            "transfers": [{"from": a, "to": b, "activation_bytes": n[0], "collective_bytes": n[1]}
+                          for (a, b), n in sorted(pairs.items())]}
+
+
+def format_ranks(r: dict) -> str:
+    out = [f"as {r['count']} MPI rank(s):"]
+    for rank, devices in enumerate(r["devices"]):
+        out.append(f"  rank {rank}: logical device(s) {', '.join(map(str, devices))}")
+    out.append("bytes between ranks per step (host-staged MPI messages):")
+    if not r["transfers"]:
+        out.append("  none (no copy crosses a rank)")
+    for t in r["transfers"]:
+        out.append(f"  rank {t['from']} -> {t['to']}: {t['activation_bytes']:,} B activations/gradients, "
+                   f"{t['collective_bytes']:,} B gradient exchange")
+    return "\n".join(out)
 
 
 def _mib(n: int) -> str:
@@ -129,4 +163,54 @@ def format_summary(s: dict) -> str:
     for t in s["transfers"]:
         out.append(f"  device {t['from']} -> {t['to']}: {t['activation_bytes']:,} B activations/gradients, "
                    f"{t['collective_bytes']:,} B gradient exchange")
+    return "\n".join(out)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.0f}%"
+
+
+def format_sass(s: dict, prefer: tuple[str, ...] = (), peak_flops: float | None = None) -> str:
+    """Per layer, each kernel's main loop in the SASS of the first architecture in `prefer`
+    that was built (else the newest built): its size, FFMA and MMA shares, shared loads per
+    FFMA/MMA, and the local-memory accesses of the whole kernel (a reviewer's first questions
+    about a slow kernel).  With `peak_flops` and rooflines in `s`, also each kernel's predicted
+    fraction of that peak: FLOPs / (predicted time x peak)."""
+    kernels: dict[str, dict] = {}
+    for d in s["devices"]:
+        for r in d["program"]:
+            if r["op"] == "launch":
+                kernels.setdefault(r["kernel"], r)
+    built = sorted({a for r in kernels.values() if isinstance(r.get("sass"), dict) for a in r["sass"]},
+                   key=lambda a: (len(a), a))
+    if not built:
+        return "instruction mix: n/a (built without nvcc, or without cuobjdump and nvdisasm)"
+    arch = next((a for a in prefer if a in built), built[-1])
+    with_peak = peak_flops is not None and all("roofline" in r for r in kernels.values())
+    out = [f"main loops in the {arch} SASS (FFMA, MMA: share of the loop's instructions; LDS/FMA: shared loads "
+           f"per FFMA or MMA; LDL/STL: local-memory accesses in the kernel"
+           + ("; peak: predicted fraction of FP32 peak)" if with_peak else ")"),
+           f"  {'layer':<14} {'kernel':<46} {'loop':>5} {'FFMA':>5} {'MMA':>5} {'LDS/FMA':>7} {'LDL/STL':>7}"
+           + (f" {'peak':>5}" if with_peak else "")]
+    by_layer: dict[str, list[dict]] = defaultdict(list)
+    for r in kernels.values():
+        by_layer[r["layer"] or "(step)"].append(r)
+    for layer, rows in by_layer.items():
+        for r in rows:
+            rec = r["sass"].get(arch) if isinstance(r.get("sass"), dict) else None
+            if rec is None:
+                cells = f"{'n/a':>5} {'':>5} {'':>5} {'':>7} {'':>7}"
+            else:
+                loop = rec["main_loop"]
+                local = rec["ldl"] + rec["stl"]
+                if loop is None:
+                    cells = f"{'-':>5} {'-':>5} {'-':>5} {'-':>7} {local:>7}"
+                else:
+                    lds = "-" if loop["lds_per_fma"] is None else f"{loop['lds_per_fma']:.2f}"
+                    cells = (f"{loop['instructions']:>5} {_pct(loop['fma_share']):>5} {_pct(loop['mma_share']):>5} "
+                             f"{lds:>7} {local:>7}")
+            if with_peak:
+                t = r["roofline"]["time_us"] * 1e-6
+                cells += f" {_pct(r['flops'] / (t * peak_flops) if t and r['flops'] else None):>5}"
+            out.append(f"  {layer:<14} {r['kernel']:<46} {cells}")
     return "\n".join(out)
