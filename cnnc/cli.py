@@ -268,6 +268,16 @@ def _machine_options(fn):
     return fn
 
 
+def _model_options(fn):
+    """--machine (required), --machine-file and --link: the machine model a prediction runs on."""
+    fn = click.option("--link", "link_name", default=None, metavar="NAME",
+                      help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")(fn)
+    fn = _machine_options(fn)
+    return click.option("--machine", "machine_name", required=True, metavar="NAME",
+                        help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, cpu, or one of "
+                             "--machine-file.")(fn)
+
+
 def _machine(name: str, machine_file: Path | None):
     """The machine model; `cpu` is calibrated first when it has no cached calibration."""
     from cnnc.perf.calibrate import machine
@@ -349,13 +359,9 @@ def _ranks_text(s: dict) -> str:
 
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--machine", "machine_name", required=True, metavar="NAME",
-              help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, cpu, or one of --machine-file.")
-@_machine_options
+@_model_options
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="Physical devices; logical device d runs on d mod N [default: one per logical device].")
-@click.option("--link", "link_name", default=None, metavar="NAME",
-              help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as one JSON object.")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the simulated step as Chrome trace-event JSON (opens in Perfetto).")
@@ -725,11 +731,7 @@ def _parse_network(source: Path):
 
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--machine", "machine_name", required=True, metavar="NAME",
-              help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, or one of --machine-file.")
-@_machine_options
-@click.option("--link", "link_name", default=None, metavar="NAME",
-              help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")
+@_model_options
 @click.option("--device-counts", "counts", default="1,2,4,8", show_default=True,
               help="Device counts to study, comma-separated.")
 @click.option("--strategies", default="data,model,hybrid,pipeline", show_default=True,
@@ -776,11 +778,7 @@ def scale(source: Path, machine_name: str, machine_file: Path | None, link_name:
 
 @main.command()
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--machine", "machine_name", required=True, metavar="NAME",
-              help="Machine model: k20, k20x, titanx, v100, a100, h100, h200, or one of --machine-file.")
-@_machine_options
-@click.option("--link", "link_name", default=None, metavar="NAME",
-              help="Link between devices (pcie3, nvlink4, host-staging, ...) [default: the machine's].")
+@_model_options
 @click.option("--devices", type=int, required=True, help="Devices to place the network on.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The placed .cnn file to write.")

@@ -101,12 +101,14 @@ def format_ranks(r: dict) -> str:
     for rank, devices in enumerate(r["devices"]):
         out.append(f"  rank {rank}: logical device(s) {', '.join(map(str, devices))}")
     out.append("bytes between ranks per step (host-staged MPI messages):")
-    if not r["transfers"]:
-        out.append("  none (no copy crosses a rank)")
-    for t in r["transfers"]:
-        out.append(f"  rank {t['from']} -> {t['to']}: {t['activation_bytes']:,} B activations/gradients, "
-                   f"{t['collective_bytes']:,} B gradient exchange")
+    out += _transfer_lines(r["transfers"], "rank", "none (no copy crosses a rank)")
     return "\n".join(out)
+
+
+def _transfer_lines(transfers: list[dict], end: str, none: str) -> list[str]:
+    """One line per pair of `end`s (devices or ranks) with the bytes moved between them."""
+    return [f"  {end} {t['from']} -> {t['to']}: {t['activation_bytes']:,} B activations/gradients, "
+            f"{t['collective_bytes']:,} B gradient exchange" for t in transfers] or [f"  {none}"]
 
 
 def _mib(n: int) -> str:
@@ -158,11 +160,7 @@ def format_summary(s: dict) -> str:
                 out.append(f"  {r['phase']} (pass {r['pass']}):" if s["shares"] > 1 else f"  {r['phase']}:")
             out.append("    " + _op_line(r))
     out.append("\nbytes moved per step:")
-    if not s["transfers"]:
-        out.append("  none (everything stays on its device)")
-    for t in s["transfers"]:
-        out.append(f"  device {t['from']} -> {t['to']}: {t['activation_bytes']:,} B activations/gradients, "
-                   f"{t['collective_bytes']:,} B gradient exchange")
+    out += _transfer_lines(s["transfers"], "device", "none (everything stays on its device)")
     return "\n".join(out)
 
 
