@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny network that fits the digits data set, and a build of it."""
+"""Shared fixtures: a tiny network that fits the digits data set, and a build of it; nvcc builds
+shared by every test (and every xdist worker) that reads cubins."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,25 @@ def tiny_build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "build"
     compile_file(src, out, use_nvcc=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def nvcc_build(tmp_path_factory: pytest.TempPathFactory):
+    """`nvcc_build(name, source)` -> (plan, manifest, build dir): the network compiled with nvcc
+    for sm_80 and sm_90 once per test session.
+
+    Under pytest-xdist the workers share one directory per network (the base temporary folder's
+    parent is common to them): whoever comes second waits on a file lock and finds the build up
+    to date, so the minutes of nvcc are spent once, however many tests and workers read it."""
+    from cnnc.build import compile_network
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "nvcc-builds"
+    shared.mkdir(exist_ok=True)
+
+    def build(name: str, source: str):
+        with open(shared / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = compile_network(source, f"{name}.cnn", shared / name, archs=("sm_80", "sm_90"))
+        return result.plan, json.loads((result.out_dir / "manifest.json").read_text()), result.out_dir
+    return build

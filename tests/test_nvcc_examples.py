@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from cnnc.build import compile_file
 from cnnc.codegen.nvcc import find_nvcc
 
 pytestmark = [pytest.mark.nvcc,
@@ -15,13 +14,11 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.cnn"))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
-def test_example_compiles_without_spills(example, tmp_path):
-    result = compile_file(example, tmp_path, archs=("sm_80", "sm_90"))
-    for dev in result.plan.devices:
+def test_example_compiles_without_spills(example, nvcc_build):
+    plan, manifest, out = nvcc_build(example.stem, example.read_text())
+    for dev in plan.devices:
         for arch in ("sm_80", "sm_90"):
-            assert (tmp_path / f"gpu{dev}.{arch}.cubin").stat().st_size > 0
-    import json
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+            assert (out / f"gpu{dev}.{arch}.cubin").stat().st_size > 0
     assert manifest["kernels"], "no kernels recorded"
     for name, k in manifest["kernels"].items():
         assert set(k["resources"]) == {"sm_80", "sm_90"}, name

@@ -2,9 +2,7 @@
 and on real builds: no kernel touches local memory, fp32 kernels issue no MMA, tf32/bf16 ones do."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -252,24 +250,10 @@ def _source(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory) -> dict[str, tuple]:
-    """Each checked network compiled once for sm_80 and sm_90: name -> (plan, manifest, build dir).
-
-    Under pytest-xdist the workers share one directory per network (the base temporary folder's
-    parent is common to them): whoever comes second waits on a file lock and finds the build up
-    to date, so the minutes of nvcc are spent once per session, not once per worker."""
-    from cnnc.build import compile_network
-
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sass-builds"
-    shared.mkdir(exist_ok=True)
-    out = {}
-    for name in CHECKED:
-        with open(shared / f"{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            result = compile_network(_source(name), f"{name}.cnn", shared / name, archs=ARCHS)
-        out[name] = result.plan, json.loads((result.out_dir / "manifest.json").read_text()), result.out_dir
-    return out
+def builds(nvcc_build) -> dict[str, tuple]:
+    """Each checked network compiled for sm_80 and sm_90 (shared with the other nvcc tests):
+    name -> (plan, manifest, build dir)."""
+    return {name: nvcc_build(name, _source(name)) for name in CHECKED}
 
 
 @needs_tools
