@@ -60,13 +60,14 @@ def cpu_device(request):
 
 # the ops with a CPU kernel: the GEMM-shaped ones, and those that loop over planes or pixel vectors
 CPU_OPS = ("conv_fwd", "conv_bwd_data", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter",
-           "pool_fwd", "pool_bwd", "cmrnorm_fwd", "cmrnorm_bwd", "rnorm_fwd", "rnorm_bwd", "cnorm_meandiff",
+           "local_fwd", "local_bwd_data", "local_bwd_filter", "pool_fwd", "pool_bwd", "cmrnorm_fwd", "cmrnorm_bwd",
+           "rnorm_fwd", "rnorm_bwd", "cnorm_meandiff",
            "cnorm_fwd", "cnorm_bwd_prep", "cnorm_bwd")
 
 
 def test_the_cases_have_cpu_kernels():
-    """Every conv case (any stride, split-K too), fc, pooling and normalisation case of the GPU
-    kernel matrix gets a CPU kernel: work-groups of one, no barriers."""
+    """Every conv case (any stride, split-K too), fc, local, pooling and normalisation case of the
+    GPU kernel matrix gets a CPU kernel: work-groups of one, no barriers."""
     for width in WIDTHS:
         kernels = cpu_cases(width)
         covered = [k for k in cases() if k.op in CPU_OPS]
@@ -227,6 +228,47 @@ def test_strided_and_split_k_gradients_train_alike_on_both_targets(tmp_path, mon
     on_cpu = {(k["op"], k["params"].get("stride"), k["params"].get("split", 1))
               for k in kernels if "opencl-cpu" in k["launch"]}
     assert {("conv_bwd_data", 2, 1), ("conv_bwd_filter", 1, 2), ("conv_bwd_filter", 2, 1)} <= on_cpu
+    losses = {}
+    for target in ("cpu", "gpu"):
+        monkeypatch.setenv("CNNC_OPENCL_TARGET", target)
+        result = cli("run", out, "--backend", "opencl", "-q", "--save-dir", tmp_path / target)
+        assert result.exit_code == 0, result.output
+        losses[target] = [json.loads(line)["train_loss"] for line in (tmp_path / target / "metrics.jsonl").open()]
+    np.testing.assert_allclose(losses["cpu"], losses["gpu"], rtol=1e-4)
+
+
+LOCAL_SOURCE = """\
+network local
+
+input data: 1x8x8
+input labels: label(10)
+
+train {
+  batch = 24
+  epochs = 1
+  seed = 1
+  lr = 0.05
+}
+
+conv1 = conv(data, filters=8, size=3, padding=1) relu
+local2 = local(conv1, filters=20, size=3, padding=1) relu
+local3 = local(local2, filters=6, size=3, stride=2) tanh
+fc4 = fc(local3, outputs=10)
+probs = softmax(fc4)
+cost = logreg(labels, probs)
+"""
+
+
+def test_local_layers_train_alike_on_both_targets(tmp_path, monkeypatch):
+    """A local layer's three kernels (padded and strided, a partial vector of filters) run as
+    CPU kernels, and an epoch with them ends with the losses of the GPU-shaped kernels."""
+    source, out = tmp_path / "local.cnn", tmp_path / "b"
+    source.write_text(LOCAL_SOURCE)
+    assert cli("compile", source, "-o", out, "--no-nvcc").exit_code == 0
+    kernels = json.loads((out / "plan.json").read_text())["kernels"]
+    on_cpu = {(k["op"], k["params"]["stride"]) for k in kernels
+              if "opencl-cpu" in k["launch"] and k["op"].startswith("local")}
+    assert {(op, stride) for op in ("local_fwd", "local_bwd_data", "local_bwd_filter") for stride in (1, 2)} <= on_cpu
     losses = {}
     for target in ("cpu", "gpu"):
         monkeypatch.setenv("CNNC_OPENCL_TARGET", target)

@@ -365,28 +365,47 @@ def _cpu_gemm(op: str, p: dict, g: dict) -> tuple[int, int, int, int]:
     """(lanes, units, columns per unit, reduction unroll) of a CPU kernel.  A convolution is
     vectorised over the GEMM's M (filters; channels for bwd_data) and walks output rows of
     pixels (bwd_filter: pairs of channel and filter row, summing over output rows); an fc op is vectorised over the GEMM's N and walks its M, one column each.  The
-    GEMM itself is the op registry's."""
+    GEMM itself is the op registry's.  A local op is one GEMM per site (_cpu_gemm_of), vectorised
+    over its M and walking its N."""
     if op == "conv_fwd":
         return g["M"], p["N"] * p["P"], p["Q"], p["S"]
     if op == "conv_bwd_data":
         return g["M"], p["N"] * p["H"], p["W"], p["S"]
     if op == "conv_bwd_filter":     # units: (channel, filter row) pairs, columns: filter columns
         return g["M"], p["C"] // param(p, "groups") * p["R"], p["S"], 1
+    if op in _CPU_LOCAL_OPS:
+        return g["M"], g["N"], g["N"], 1
     return g["N"], g["M"], g["M"], next(u for u in (4, 2, 1) if g["K"] % u == 0)
 
 
+# the locally connected layers' ops: a small GEMM per site, in templates/cpu_local.j2
+_CPU_LOCAL_OPS = ("local_fwd", "local_bwd_data", "local_bwd_filter")
 # The ops with a CPU kernel
-_CPU_OPS = frozenset({"conv_fwd", "conv_bwd_data", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter"})
+_CPU_OPS = frozenset({"conv_fwd", "conv_bwd_data", "conv_bwd_filter", "fc_fwd", "fc_bwd_data", "fc_bwd_filter",
+                      *_CPU_LOCAL_OPS})
 # the ops with a CPU template of their own; the others' is cpu_gemm.j2
-_CPU_TEMPLATES = {"conv_bwd_filter": "cpu_conv_bwd_filter.j2"}
+_CPU_TEMPLATES = {"conv_bwd_filter": "cpu_conv_bwd_filter.j2", **{op: "cpu_local.j2" for op in _CPU_LOCAL_OPS}}
+
+
+def _cpu_gemm_of(k: Kernel) -> dict:
+    """The GEMM a CPU kernel blocks: the op registry's, or for local_bwd_data, a gather on the
+    GPU, one per input pixel (batch): M = channels, N = cases, K = (filter, tap) pairs, of which
+    the pairs whose window covers the pixel count."""
+    if k.op == "local_bwd_data":
+        p = k.params
+        return dict(M=p["C"], N=p["N"], K=p["K"] * p["R"] * p["S"], batch=p["H"] * p["W"])
+    return OPS[k.op].gemm(k.params)
 
 
 def _cpu_local_bytes(k: Kernel, t: CpuTiles) -> int:
-    """Work-group memory a CPU kernel takes: the packed weight panel, or for a weight gradient
-    one row of packed dy and the sums of its (channel, filter row) pairs."""
+    """Work-group memory a CPU kernel takes: the packed weight panel (local_fwd, local_bwd_data:
+    and each step's source offset), or for a conv weight gradient one row of packed dy and the
+    sums of its (channel, filter row) pairs."""
     if k.op == "conv_bwd_filter":
         return (k.params["Q"] + t.chunk * k.params["S"]) * t.lanes * 4
-    return t.lanes * OPS[k.op].gemm(k.params)["K"] * 4
+    if k.op in ("local_fwd", "local_bwd_data"):        # offsets: 64-bit at most
+        return (t.lanes + 2) * _cpu_gemm_of(k)["K"] * 4
+    return t.lanes * _cpu_gemm_of(k)["K"] * 4
 
 
 @dataclass(frozen=True)
@@ -428,8 +447,8 @@ def _cpu_loop_local_bytes(k: Kernel, width: int) -> int:
 
 
 def cpu_kernel(k: Kernel, width: int) -> bool:
-    """Does kernel `k` get a CPU-shaped kernel at this vector width?  The conv, fc, pooling and
-    cross-map normalisation ops do when what they keep fits in work-group memory; every other
+    """Does kernel `k` get a CPU-shaped kernel at this vector width?  The conv, fc, local, pooling
+    and normalisation ops do when what they keep fits in work-group memory; every other
     kernel runs its GPU-shaped OpenCL kernel on the CPU too."""
     if k.op in _CPU_LOOP_TEMPLATES:
         return _cpu_loop_local_bytes(k, width) <= _CPU_PANEL_BYTES
@@ -439,7 +458,7 @@ def cpu_kernel(k: Kernel, width: int) -> bool:
 
 
 def _cpu_tiles(k: Kernel, width: int) -> CpuTiles:
-    g = OPS[k.op].gemm(k.params)
+    g = _cpu_gemm_of(k)
     lanes, units, columns, unroll = _cpu_gemm(k.op, k.params, g)
     registers = _CPU_REGISTERS[width]
     vectors = 2 if lanes > width and registers >= 32 else 1
@@ -463,7 +482,7 @@ def cpu_geometry(k: Kernel, width: int) -> tuple[dict, CpuTiles | CpuLoops]:
         loops = _cpu_loops(k, width)
         return {"grid": [-(-loops.units // loops.chunk), 1, 1], "block": [1, 1, 1], "width": width}, loops
     t = _cpu_tiles(k, width)
-    g = OPS[k.op].gemm(k.params)
+    g = _cpu_gemm_of(k)
     lanes, units, _, _ = _cpu_gemm(k.op, k.params, g)
     grid = [-(-units // t.chunk), -(-lanes // t.lanes), g.get("batch", 1)]
     return {"grid": grid, "block": [1, 1, 1], "width": width}, t
@@ -523,9 +542,9 @@ def render_kernel(k: Kernel, d: Dialect, file: str = "", source_line: str = "",
         unit = f"float{t.width} vectors of a case's pixels" if k.op.startswith("cmrnorm") else "image planes"
         notes.append(f"CPU: {unit}, {t.chunk} per work-item")
     elif cpu:
-        g = spec.gemm(k.params)
-        units = {"conv_bwd_filter": "(channel, filter row) pairs"}.get(
-            k.op, "output rows" if k.op.startswith("conv") else "columns")
+        g = _cpu_gemm_of(k)
+        units = {"conv_bwd_filter": "(channel, filter row) pairs", "local_bwd_filter": "filter taps"}.get(
+            k.op, "output rows" if k.op.startswith("conv") else "cases" if k.op in _CPU_LOCAL_OPS else "columns")
         notes.append(f"CPU: GEMM M={g['M']} N={g['N']} K={g['K']}; {t.vectors} x float{t.width} outputs x "
                      f"{t.columns} broadcast columns in registers, {t.chunk} {units} per work-item")
         notes += _split_k_note(g)
