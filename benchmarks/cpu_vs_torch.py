@@ -1,11 +1,12 @@
 """The OpenCL CPU kernels against PyTorch on the same CPU, as ratios from one run.
 
-    python benchmarks/cpu_vs_torch.py [--batch 128] [--steps 3] [--target cpu|gpu] [--json]
+    python benchmarks/cpu_vs_torch.py [--batch 128] [--steps 3] [--target cpu|gpu] [--local] [--json]
 
 Compiles the CIFAR-10 example with its `local` layers written as `conv` (so that PyTorch
-runs the same network), times it with `cnnc bench --against torch` on the opencl backend
-with the kernels of --target (CNNC_OPENCL_TARGET), and prints per layer the forward and
-backward GFLOP/s of cnnc and of PyTorch with their ratio, and the images/s ratio.  Other
+runs the same network; --local keeps them, and PyTorch runs its unfold twin of them), times
+it with `cnnc bench --against torch` on the opencl backend with the kernels of --target
+(CNNC_OPENCL_TARGET), and prints per layer the forward and backward GFLOP/s of cnnc and of
+PyTorch with their ratio, and the images/s ratio.  Other
 processes on the machine skew absolute numbers; the ratios come from one run, cnnc and
 PyTorch timed one after the other.
 """
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                     help="which OpenCL kernels run: the CPU-shaped ones or the GPU-shaped ones")
+    ap.add_argument("--local", action="store_true",
+                    help="keep the example's local layers (PyTorch: unfold and a batched matmul) instead of conv")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ["CNNC_OPENCL_TARGET"] = args.target
@@ -43,8 +46,11 @@ def main() -> None:
     from cnnc.build import compile_network
 
     with tempfile.TemporaryDirectory(prefix="cnnc-cpu-vs-torch-") as tmp:
-        src = conv_twin((ROOT / "examples" / "cifar10.cnn").read_text())
-        compile_network(src, "cifar10-conv.cnn", Path(tmp) / "build", use_nvcc=False, batch=args.batch)
+        src = (ROOT / "examples" / "cifar10.cnn").read_text()
+        if not args.local:
+            src = conv_twin(src)
+        compile_network(src, "cifar10.cnn" if args.local else "cifar10-conv.cnn", Path(tmp) / "build",
+                        use_nvcc=False, batch=args.batch)
         r = bench(Path(tmp) / "build", "opencl", [0], None, args.steps, against="torch")
     rows = []
     for t in r.layers:
@@ -59,11 +65,11 @@ def main() -> None:
         rows.append(row)
     images = {"cnnc": r.images_per_s, "torch": r.batch / r.torch["step_ms"] * 1e3}
     if args.json:
-        print(json.dumps({"backend": r.backend, "target": args.target, "batch": r.batch, "layers": rows,
-                          "images_per_s": images, "ratio": images["cnnc"] / images["torch"]}, indent=1))
+        print(json.dumps({"backend": r.backend, "target": args.target, "local": args.local, "batch": r.batch,
+                          "layers": rows, "images_per_s": images, "ratio": images["cnnc"] / images["torch"]}, indent=1))
         return
-    print(f"{r.backend}, {args.target} kernels, batch {r.batch}; PyTorch {r.torch['version']} "
-          f"(GFLOP/s; ratio = cnnc / PyTorch, one run)")
+    print(f"{r.backend}, {args.target} kernels, local3/local4 as {'local' if args.local else 'conv'}, "
+          f"batch {r.batch}; PyTorch {r.torch['version']} (GFLOP/s; ratio = cnnc / PyTorch, one run)")
     print("| layer | fwd | torch fwd | fwd ratio | bwd | torch bwd | bwd ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
