@@ -184,17 +184,23 @@ def test_unknown_target_is_refused(tiny_build_dir, tmp_path, monkeypatch):
     assert result.stderr == "error: CNNC_OPENCL_TARGET='fpga': choose auto, cpu, gpu\n"
 
 
+def assert_targets_train_alike(build: Path, tmp_path: Path, monkeypatch) -> None:
+    """One epoch of `build` on OpenCL with the CPU kernels and with the GPU-shaped ones ends
+    with the same losses, up to rounding."""
+    losses = {}
+    for target in ("cpu", "gpu"):
+        monkeypatch.setenv("CNNC_OPENCL_TARGET", target)
+        result = cli("run", build, "--backend", "opencl", "-q", "--save-dir", tmp_path / target)
+        assert result.exit_code == 0, result.output
+        losses[target] = [json.loads(line)["train_loss"] for line in (tmp_path / target / "metrics.jsonl").open()]
+    np.testing.assert_allclose(losses["cpu"], losses["gpu"], rtol=1e-4)
+
+
 def test_cpu_and_gpu_targets_train_alike(tiny_cnn, tmp_path, monkeypatch):
     """One epoch of the tiny network with each target: the same losses up to rounding."""
     out = tmp_path / "b"
     assert cli("compile", tiny_cnn, "-o", out, "--no-nvcc").exit_code == 0
-    losses = {}
-    for target in ("cpu", "gpu"):
-        monkeypatch.setenv("CNNC_OPENCL_TARGET", target)
-        result = cli("run", out, "--backend", "opencl", "-q", "--save-dir", tmp_path / target)
-        assert result.exit_code == 0, result.output
-        losses[target] = [json.loads(line)["train_loss"] for line in (tmp_path / target / "metrics.jsonl").open()]
-    np.testing.assert_allclose(losses["cpu"], losses["gpu"], rtol=1e-4)
+    assert_targets_train_alike(out, tmp_path, monkeypatch)
 
 
 STRIDED_SOURCE = """\
@@ -228,13 +234,7 @@ def test_strided_and_split_k_gradients_train_alike_on_both_targets(tmp_path, mon
     on_cpu = {(k["op"], k["params"].get("stride"), k["params"].get("split", 1))
               for k in kernels if "opencl-cpu" in k["launch"]}
     assert {("conv_bwd_data", 2, 1), ("conv_bwd_filter", 1, 2), ("conv_bwd_filter", 2, 1)} <= on_cpu
-    losses = {}
-    for target in ("cpu", "gpu"):
-        monkeypatch.setenv("CNNC_OPENCL_TARGET", target)
-        result = cli("run", out, "--backend", "opencl", "-q", "--save-dir", tmp_path / target)
-        assert result.exit_code == 0, result.output
-        losses[target] = [json.loads(line)["train_loss"] for line in (tmp_path / target / "metrics.jsonl").open()]
-    np.testing.assert_allclose(losses["cpu"], losses["gpu"], rtol=1e-4)
+    assert_targets_train_alike(out, tmp_path, monkeypatch)
 
 
 LOCAL_SOURCE = """\
@@ -269,10 +269,4 @@ def test_local_layers_train_alike_on_both_targets(tmp_path, monkeypatch):
     on_cpu = {(k["op"], k["params"]["stride"]) for k in kernels
               if "opencl-cpu" in k["launch"] and k["op"].startswith("local")}
     assert {(op, stride) for op in ("local_fwd", "local_bwd_data", "local_bwd_filter") for stride in (1, 2)} <= on_cpu
-    losses = {}
-    for target in ("cpu", "gpu"):
-        monkeypatch.setenv("CNNC_OPENCL_TARGET", target)
-        result = cli("run", out, "--backend", "opencl", "-q", "--save-dir", tmp_path / target)
-        assert result.exit_code == 0, result.output
-        losses[target] = [json.loads(line)["train_loss"] for line in (tmp_path / target / "metrics.jsonl").open()]
-    np.testing.assert_allclose(losses["cpu"], losses["gpu"], rtol=1e-4)
+    assert_targets_train_alike(out, tmp_path, monkeypatch)
