@@ -84,3 +84,32 @@ train {
 fc1 = fc(data, outputs=10, init_w=0.01)
 cost = sum2(fc1)
 """
+
+
+# four logical devices for runs across MPI ranks: data-parallel convolutions, then a
+# model-parallel tail, so a step has activation copies, gradient copies and the
+# replicated-weight exchange across ranks
+RANKS4 = """
+network ranks4
+input data: 1x8x8
+input labels: label(10)
+train { batch = 16; epochs = 1; seed = 3; lr = 0.05; momentum = 0.9; weight_decay = 0.0005; init_w = 0.1 }
+@gpu(0,1,2,3) conv1 = conv(data, filters=6, size=3, padding=1) relu
+@gpu(0,1,2,3) pool1 = maxpool(conv1, size=2, stride=2)
+@gpu(1) fc2 = fc(pool1, outputs=12) tanh
+@gpu(2) fc3 = fc(fc2, outputs=10)
+@gpu(3) probs = softmax(fc3)
+@gpu(3) cost = logreg(labels, probs)
+"""
+
+
+def split_opencl_device(monkeypatch) -> None:
+    """Split the OpenCL device into two sub-devices (CNNC_OPENCL_SUBDEVICES=2), or skip the test
+    where the device cannot be partitioned."""
+    monkeypatch.setenv("CNNC_OPENCL_SUBDEVICES", "2")
+    from cnnc.backends.opencl import _physical_devices
+    try:
+        if len(_physical_devices()) < 2:
+            pytest.skip("this OpenCL device cannot be split in two")
+    except Exception as e:                  # the device does not support partitioning
+        pytest.skip(f"this OpenCL device cannot be split: {e}")

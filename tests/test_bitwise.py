@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import split_opencl_device
 from test_parallel import PLACEMENTS, source, train
 
 
@@ -37,12 +38,6 @@ def test_data_parallel_is_not_bitwise_but_within_rounding(tmp_path):
 def test_one_plan_on_one_or_two_opencl_devices_is_bitwise_equal(tmp_path, monkeypatch):
     """--gpus 0,0 (both logical devices on one device) and --gpus 0,1 (two sub-devices)."""
     shared = train(source(PLACEMENTS["data-2"]), "opencl", 3, tmp_path / "one", gpus=(0, 0))
-    monkeypatch.setenv("CNNC_OPENCL_SUBDEVICES", "2")
-    from cnnc.backends.opencl import _physical_devices
-    try:
-        if len(_physical_devices()) < 2:
-            pytest.skip("this OpenCL device cannot be split in two")
-    except Exception as e:                  # the device does not support partitioning
-        pytest.skip(f"this OpenCL device cannot be split: {e}")
+    split_opencl_device(monkeypatch)
     split = train(source(PLACEMENTS["data-2"]), "opencl", 3, tmp_path / "two", gpus=(0, 1))
     assert_bitwise(shared, split)

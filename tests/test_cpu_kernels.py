@@ -184,6 +184,14 @@ def test_unknown_target_is_refused(tiny_build_dir, tmp_path, monkeypatch):
     assert result.stderr == "error: CNNC_OPENCL_TARGET='fpga': choose auto, cpu, gpu\n"
 
 
+def compiled_kernels(tmp_path: Path, text: str) -> tuple[Path, list[dict]]:
+    """`text` compiled (without nvcc) into tmp_path/b, and its plan's kernels."""
+    source, out = tmp_path / "net.cnn", tmp_path / "b"
+    source.write_text(text)
+    assert cli("compile", source, "-o", out, "--no-nvcc").exit_code == 0
+    return out, json.loads((out / "plan.json").read_text())["kernels"]
+
+
 def assert_targets_train_alike(build: Path, tmp_path: Path, monkeypatch) -> None:
     """One epoch of `build` on OpenCL with the CPU kernels and with the GPU-shaped ones ends
     with the same losses, up to rounding."""
@@ -227,10 +235,7 @@ cost = logreg(labels, probs)
 def test_strided_and_split_k_gradients_train_alike_on_both_targets(tmp_path, monkeypatch):
     """A stride-2 conv's input gradient and a split-K weight gradient run as CPU kernels, and
     an epoch with them ends with the losses of the GPU-shaped kernels, up to rounding."""
-    source, out = tmp_path / "strided.cnn", tmp_path / "b"
-    source.write_text(STRIDED_SOURCE)
-    assert cli("compile", source, "-o", out, "--no-nvcc").exit_code == 0
-    kernels = json.loads((out / "plan.json").read_text())["kernels"]
+    out, kernels = compiled_kernels(tmp_path, STRIDED_SOURCE)
     on_cpu = {(k["op"], k["params"].get("stride"), k["params"].get("split", 1))
               for k in kernels if "opencl-cpu" in k["launch"]}
     assert {("conv_bwd_data", 2, 1), ("conv_bwd_filter", 1, 2), ("conv_bwd_filter", 2, 1)} <= on_cpu
@@ -262,10 +267,7 @@ cost = logreg(labels, probs)
 def test_local_layers_train_alike_on_both_targets(tmp_path, monkeypatch):
     """A local layer's three kernels (padded and strided, a partial vector of filters) run as
     CPU kernels, and an epoch with them ends with the losses of the GPU-shaped kernels."""
-    source, out = tmp_path / "local.cnn", tmp_path / "b"
-    source.write_text(LOCAL_SOURCE)
-    assert cli("compile", source, "-o", out, "--no-nvcc").exit_code == 0
-    kernels = json.loads((out / "plan.json").read_text())["kernels"]
+    out, kernels = compiled_kernels(tmp_path, LOCAL_SOURCE)
     on_cpu = {(k["op"], k["params"]["stride"]) for k in kernels
               if "opencl-cpu" in k["launch"] and k["op"].startswith("local")}
     assert {(op, stride) for op in ("local_fwd", "local_bwd_data", "local_bwd_filter") for stride in (1, 2)} <= on_cpu

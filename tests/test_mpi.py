@@ -18,6 +18,8 @@ import pytest
 
 from cnnc.build import compile_network
 
+from helpers import RANKS4
+
 CNNC = Path(sys.executable).parent / "cnnc"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 if not MPIEXEC.exists() and shutil.which("mpiexec"):
@@ -32,21 +34,7 @@ def _mpi_missing() -> str:
 
 pytestmark = pytest.mark.skipif(bool(_mpi_missing()), reason=_mpi_missing() or "mpi available")
 
-# four logical devices: data-parallel convolutions, then a model-parallel tail, so a step has
-# activation copies, gradient copies and the replicated-weight exchange across ranks
-PLACED = """
-network ranks4
-input data: 1x8x8
-input labels: label(10)
-train { batch = 16; epochs = 1; seed = 3; lr = 0.05; momentum = 0.9; weight_decay = 0.0005; init_w = 0.1 }
-@gpu(0,1,2,3) conv1 = conv(data, filters=6, size=3, padding=1) relu
-@gpu(0,1,2,3) pool1 = maxpool(conv1, size=2, stride=2)
-@gpu(1) fc2 = fc(pool1, outputs=12) tanh
-@gpu(2) fc3 = fc(fc2, outputs=10)
-@gpu(3) probs = softmax(fc3)
-@gpu(3) cost = logreg(labels, probs)
-"""
-SINGLE = PLACED.replace("@gpu(0,1,2,3) ", "").replace("@gpu(1) ", "").replace("@gpu(2) ", "") \
+SINGLE = RANKS4.replace("@gpu(0,1,2,3) ", "").replace("@gpu(1) ", "").replace("@gpu(2) ", "") \
     .replace("@gpu(3) ", "")
 GPUS = ("--gpus", "0,0,0,0")
 
@@ -55,7 +43,7 @@ GPUS = ("--gpus", "0,0,0,0")
 def builds(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("mpi")
     out = {}
-    for name, source in (("placed", PLACED), ("single", SINGLE)):
+    for name, source in (("placed", RANKS4), ("single", SINGLE)):
         compile_network(source, f"{name}.cnn", tmp / name, use_nvcc=False)
         out[name] = tmp / name
     return out
@@ -207,7 +195,7 @@ def test_a_killed_rank_ends_the_job(builds, tmp_path: Path) -> None:
 
 def test_divergence_under_mpi_stops_every_rank(tmp_path: Path) -> None:
     build = tmp_path / "diverging"
-    compile_network(PLACED.replace("lr = 0.05", "lr = 1e9"), "diverging.cnn", build, use_nvcc=False)
+    compile_network(RANKS4.replace("lr = 0.05", "lr = 1e9"), "diverging.cnn", build, use_nvcc=False)
     r = cnnc_run(build, tmp_path / "s", "reference", 2, *GPUS)
     assert r.returncode == 3, r.stderr
     assert "error: training diverged at step 2 (epoch 1): the loss is inf; run it as one process to find the " \

@@ -15,7 +15,7 @@ from cnnc.executor import Executor, initial_parameters
 from cnnc.plan.summary import summarize
 from cnnc.race import RaceChecker
 
-from helpers import replace_once, stable_seed
+from helpers import replace_once, split_opencl_device, stable_seed
 
 NET = """
 network par
@@ -319,13 +319,7 @@ def test_scatter_needs_divisible_shares(tmp_path):
 
 def test_data_parallel_on_two_opencl_sub_devices(single_reference, tmp_path, monkeypatch):
     """Split the CPU into two OpenCL devices: the replicas really run on different devices."""
-    monkeypatch.setenv("CNNC_OPENCL_SUBDEVICES", "2")
-    from cnnc.backends.opencl import _physical_devices
-    try:
-        if len(_physical_devices()) < 2:
-            pytest.skip("this OpenCL device cannot be split in two")
-    except Exception as e:                  # the device does not support partitioning
-        pytest.skip(f"this OpenCL device cannot be split: {e}")
+    split_opencl_device(monkeypatch)
     got = train(source(PLACEMENTS["data-2"]), "opencl", 3, tmp_path, gpus=(0, 1))
     assert_same_training(single_reference[3], got)
 

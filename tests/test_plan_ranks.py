@@ -15,26 +15,14 @@ from cnnc.perf.simulate import Span, plan_cost, simulate
 from cnnc.perf.trace import ranks_trace, to_trace
 from cnnc.plan.schedule import Buffer, Op
 
-# data-parallel convolutions on four devices, then a model-parallel tail: activation,
-# gradient and exchange copies between every pair of devices
-PLACED = """
-network ranks4
-input data: 1x8x8
-input labels: label(10)
-train { batch = 16; epochs = 1; seed = 3; lr = 0.05; momentum = 0.9; init_w = 0.1 }
-@gpu(0,1,2,3) conv1 = conv(data, filters=6, size=3, padding=1) relu
-@gpu(0,1,2,3) pool1 = maxpool(conv1, size=2, stride=2)
-@gpu(1) fc2 = fc(pool1, outputs=12) tanh
-@gpu(2) fc3 = fc(fc2, outputs=10)
-@gpu(3) probs = softmax(fc3)
-@gpu(3) cost = logreg(labels, probs)
-"""
+from helpers import RANKS4
+
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ranks") / "placed"
-    compile_network(PLACED, "placed.cnn", out, use_nvcc=False)
+    compile_network(RANKS4, "placed.cnn", out, use_nvcc=False)
     return out
 
 
