@@ -149,8 +149,8 @@ class Executor:
         return self.plan.buffers[buffer_id].device in self.local
 
     def _read_anywhere(self, buffer_ids: list[str]) -> dict[str, np.ndarray]:
-        """Buffers of any rank's devices, read by their owners and shared with every rank."""
-        self.backend.synchronize()
+        """Buffers of any rank's devices, read by their owners and shared with every rank (a
+        download waits for what its device was given, so no synchronisation is needed)."""
         mine = {b: self.read(b) for b in buffer_ids if self._is_local(b)}
         if self.transport is None:
             return mine
@@ -217,8 +217,7 @@ class Executor:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """Host copy of the whole training state: every replica's parameters and momenta
-        (of this rank's devices)."""
-        self.backend.synchronize()
+        (of this rank's devices; each download waits for what its device was given)."""
         return {b: self.read(b) for p in self.plan.parameters for b in p.buffers + p.incs if self._is_local(b)}
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
