@@ -65,18 +65,31 @@ class BuildResult:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so that readers see either the old or the new contents, never half."""
+def write_atomic(path: Path, data: str | bytes, durable: bool = False) -> None:
+    """Write a file so that readers see either the old or the new contents, never half.
+
+    `durable` also survives a machine crash (what a checkpoint needs): the data is fsynced
+    before the rename, and the folder after it, so the path holds the old file or the new
+    one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)          # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _inputs_hash(source: str, archs: Sequence[str], use_nvcc: bool, cpu_width: int) -> str:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cnnc.build import write_atomic
 from cnnc.plan.schedule import Plan
 from cnnc.train.arrays import ArchiveError, read_npz
 from cnnc.train.weights import WeightsError
@@ -96,26 +95,6 @@ def _digest(arrays: dict[str, np.ndarray], meta: dict) -> str:
     return h.hexdigest()
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename, fsync of the folder: after a crash at any moment the
-    path holds the old file or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
     """The (step, path) of every checkpoint in `save_dir`, oldest first."""
     if not save_dir.is_dir():
@@ -131,7 +110,7 @@ def save_checkpoint(save_dir: Path, ck: Checkpoint, keep: int) -> Path:
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
     path = save_dir / checkpoint_name(ck.step)
-    _write_durably(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), durable=True)
     for _, old in checkpoints(save_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
